@@ -1,0 +1,173 @@
+"""MODEL argument -> ModelSpec: a bundled card (short name or Hub id), a path, or the Hub.
+
+Card format (model_cards/*.yaml), documented in README:
+    name: mixtral-8x7b              # short name, lowercase
+    hub_id: mistralai/Mixtral-8x7B-v0.1
+    aliases: [...]                  # more short names and Hub ids that share the architecture
+    source: where the numbers came from
+    published: {total_params, active_params, convention, source}   # optional, for checking
+    config: {...}                   # the model's config.json keys, read by spec.spec_from_config
+  or, instead of config:
+    spec: {...}                     # ModelSpec fields directly, for models without a config.json
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moeplan.errors import ConfigError, UnknownModelError
+from moeplan.spec import ModelSpec, first_error, spec_from_config
+
+_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
+
+
+@dataclass(frozen=True)
+class Card:
+    name: str
+    hub_id: str | None
+    aliases: tuple[str, ...]
+    path: Path
+    data: dict[str, Any]
+
+    @property
+    def published(self) -> dict[str, Any]:
+        return dict(self.data.get("published") or {})
+
+    def spec(self) -> ModelSpec:
+        return spec_from_card_data(self.data, label=str(self.path))
+
+
+def cards_dir() -> Path:
+    """The bundled cards: inside the installed package, or model_cards/ in a source checkout."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "model_cards", here.parent / "model_cards"):
+        if candidate.is_dir() and any(candidate.glob("*.yaml")):
+            return candidate
+    try:
+        from importlib.resources import files
+
+        return Path(str(files("moeplan.model_cards")))
+    except (ModuleNotFoundError, TypeError):  # pragma: no cover - broken install
+        return here.parent / "model_cards"
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the file") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+@lru_cache(maxsize=1)
+def bundled_cards() -> tuple[Card, ...]:
+    cards = []
+    for path in sorted(cards_dir().glob("*.yaml")):
+        data = _load_yaml(path)
+        if not isinstance(data, dict) or "name" not in data:
+            raise ConfigError(f"{path}: a model card needs at least 'name' and 'config' or 'spec'")
+        cards.append(
+            Card(
+                name=str(data["name"]).lower(),
+                hub_id=data.get("hub_id"),
+                aliases=tuple(str(a) for a in data.get("aliases") or ()),
+                path=path,
+                data=data,
+            )
+        )
+    return tuple(cards)
+
+
+def find_card(name: str) -> Card | None:
+    key = name.strip().lower()
+    for card in bundled_cards():
+        keys = {card.name, *(a.lower() for a in card.aliases)}
+        if card.hub_id:
+            keys.add(card.hub_id.lower())
+        if key in keys:
+            return card
+    return None
+
+
+def spec_from_card_data(data: Any, *, label: str) -> ModelSpec:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: a model card must be a YAML mapping")
+    name = str(data.get("name") or Path(label).stem)
+    hub_id = data.get("hub_id")
+    source = data.get("source")
+    if isinstance(data.get("config"), dict):
+        return spec_from_config(data["config"], name=name, hub_id=hub_id, source=source)
+    if isinstance(data.get("spec"), dict):
+        try:
+            return ModelSpec(name=name, hub_id=hub_id, source=source, **data["spec"])
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"{label}: {first_error(exc) if isinstance(exc, ValueError) else exc}") from None
+    raise ConfigError(f"{label}: a model card needs a 'config' (config.json keys) or a 'spec' mapping")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); fix or re-download it") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: config.json must be a JSON object")
+    return raw
+
+
+def spec_from_path(path: Path) -> ModelSpec:
+    if path.is_dir():
+        config = path / "config.json"
+        if not config.is_file():
+            raise ConfigError(f"{path} is a directory without config.json; point at a config.json or a card")
+        return spec_from_config(read_config_file(config), name=path.name, source=str(config))
+    if path.suffix.lower() in (".yaml", ".yml"):
+        return spec_from_card_data(_load_yaml(path), label=str(path))
+    return spec_from_config(read_config_file(path), name=path.parent.name or path.stem, source=str(path))
+
+
+def looks_like_path(model: str) -> bool:
+    return model.endswith((".json", ".yaml", ".yml")) or model.startswith((".", "/", "~")) or Path(model).exists()
+
+
+def resolve(model: str, *, from_hub: bool = False) -> ModelSpec:
+    """Turn the MODEL argument into a ModelSpec. Order: path, bundled card, Hub id."""
+    model = model.strip()
+    if not model:
+        raise UnknownModelError("no model given; name a card (see `moeplan models`), a Hub id or a path")
+    if looks_like_path(model):
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise ConfigError(f"{model}: no such file or directory")
+        return spec_from_path(path)
+    card = None if from_hub else find_card(model)
+    if card is not None:
+        return card.spec()
+    if HUB_ID.match(model):
+        from moeplan import hub  # huggingface_hub is only imported on this path
+
+        return hub.spec_from_hub(model)
+    raise UnknownModelError(_unknown_message(model))
+
+
+def _unknown_message(model: str) -> str:
+    names = [c.name for c in bundled_cards()] + [c.hub_id for c in bundled_cards() if c.hub_id]
+    close = difflib.get_close_matches(model.lower(), [n.lower() for n in names], n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    return f"unknown model '{model}': {hint}see `moeplan models`, or give a Hub id (org/name) or a path to config.json"
