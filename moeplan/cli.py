@@ -115,6 +115,45 @@ def models(as_json: bool = JsonOpt) -> None:
     out.print(models_table(rows))
 
 
+QuantOpt = typer.Option(None, "--quant", "-q", help="bf16, fp16, fp32, fp8, int8, int4, awq, gptq, nf4, mxfp4, nvfp4, "
+                        "q4_k_m, ... or experts=int4,rest=bf16. Default: the checkpoint as shipped.")
+KvOpt = typer.Option("bf16", "--kv-dtype", help="KV cache dtype: bf16, fp16, fp8, int8, q8_0, q4.")
+
+
+@app.command()
+def memory(
+    model: str = ModelArg,
+    quant: str | None = QuantOpt,
+    context: int = typer.Option(4096, "--context", "-c", help="Tokens per sequence."),
+    batch: int = typer.Option(1, "--batch", "-b", help="Concurrent sequences."),
+    kv_dtype: str = KvOpt,
+    mla_naive: bool = typer.Option(False, "--mla-naive", help="MLA: size the expanded per-head K/V cache."),
+    mtp: bool = typer.Option(False, "--mtp", help="Load MTP layers (speculative decoding): their weights and KV."),
+    as_json: bool = JsonOpt,
+    from_hub: bool = FromHubOpt,
+) -> None:
+    """Weights by component, KV cache, activations and runtime overhead, before any split."""
+    from moeplan.memory import memory_report
+    from moeplan.quant import get_scheme, native_scheme
+    from moeplan.report import memory_table
+
+    spec = resolve_model(model, from_hub)
+    scheme = get_scheme(quant) if quant else native_scheme(spec)
+    rep = memory_report(spec, scheme, context=context, batch=batch, kv_dtype=kv_dtype, mla_naive=mla_naive, mtp=mtp)
+    if as_json:
+        _print_json(rep.model_dump())
+        return
+    out.print(memory_table(rep))
+    for note in rep.notes:
+        out.print(f"[dim]- {note}[/dim]")
+
+
+def resolve_model(model: str, from_hub: bool = False) -> Any:
+    from moeplan.sources import resolve
+
+    return resolve(model, from_hub=from_hub)
+
+
 def main() -> None:
     app()
 

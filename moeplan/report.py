@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 from rich.text import Text
 
+from moeplan.memory import MemoryReport
 from moeplan.params import ParamCount
 from moeplan.spec import StoredCheckpoint
 
@@ -105,3 +106,27 @@ def checkpoint_lines(stored: StoredCheckpoint, count: ParamCount) -> Text:
         *stored.notes,
     ]
     return Text("\n".join(lines))
+
+
+def memory_table(rep: MemoryReport) -> Table:
+    table = Table(title=f"{rep.model} memory, {rep.quant} weights, {rep.batch} x {rep.context:,} tokens, "
+                  f"KV {rep.kv_dtype}", title_justify="left")
+    table.add_column("part")
+    table.add_column("GiB (2^30 B)", justify="right")
+    table.add_column("GB (1e9 B)", justify="right")
+    table.add_column("bytes", justify="right", style="dim")
+    for name, n in rep.weights.items():
+        table.add_row(f"weights: {name}", f"{n / GiB:,.2f}", f"{n / GB:,.2f}", f"{n:,}")
+    table.add_section()
+    rows = [
+        ("weights", rep.weights_bytes),
+        (f"KV cache ({rep.kv_bytes_per_token:,} B/token)", rep.kv_cache_bytes),
+        (f"activations ({rep.chunk_tokens:,}-token prefill chunk)", rep.activation_bytes),
+        ("runtime overhead (CUDA context, graphs)", rep.overhead_bytes),
+    ]
+    for name, n in rows:
+        table.add_row(name, f"{n / GiB:,.2f}", f"{n / GB:,.2f}", f"{n:,}")
+    table.add_section()
+    table.add_row("[b]total[/b]", f"[b]{rep.total_bytes / GiB:,.2f}[/b]", f"[b]{rep.total_bytes / GB:,.2f}[/b]",
+                  f"{rep.total_bytes:,}")
+    return table

@@ -484,7 +484,7 @@ def _family(cfg: _Cfg, model_type: str, f: dict[str, Any]) -> None:
         f["expert_intermediate_size"] = int(cfg.need("intermediate_size"))
         width = int(get("shared_intermediate_size", default=0) or 0)
         f.update(num_shared_experts=1 if width else 0, shared_expert_intermediate_size=width)
-    elif model_type == "hunyuan_v1_moe":
+    elif model_type in ("hunyuan_v1_moe", "hunyuan"):
         n_shared = int(_scalar(get("num_shared_expert", default=0)) or 0)
         f.update(num_shared_experts=n_shared, qk_norm="per_head" if get("use_qk_norm") else "none")
         f["shared_expert_intermediate_size"] = n_shared * f["expert_intermediate_size"]

@@ -1,0 +1,256 @@
+"""Quantization schemes as data: effective bits per weight (scales and zero points included) and
+which components stay in 16-bit.
+
+Bits per weight, with their sources:
+- fp8 per-tensor: 8 (+ one fp32 scale per tensor, negligible). fp8 block (DeepSeek-V3
+  quantization_config weight_block_size [128, 128]): 8 + 32/(128*128) for the fp32 scale_inv.
+- int8 per-channel (W8A8, vLLM compressed-tensors): 8 + 16/4096 for one fp16 scale per row.
+- int4 GPTQ/AWQ, group g: 4 + (16 + 4)/g, an fp16 scale and a packed 4-bit zero per group
+  (AutoGPTQ qweight/qzeros/scales layout); g = 128 by default.
+- bitsandbytes NF4: 4 + 32/64 (fp32 absmax per 64-block, QLoRA paper arXiv:2305.14314); with
+  double quantization 4 + 8/64 + 32/(64*256) = 4.127.
+- MXFP4 (OCP Microscaling spec v1.0): 4 + 8/32 for one E8M0 scale per 32 values.
+- NVFP4 (NVIDIA Blackwell docs): 4 + 8/16 for one fp8 E4M3 scale per 16 values.
+- GGUF types: bytes per block / values per block from llama.cpp ggml-common.h block structs,
+  e.g. block_q4_K = 144 bytes per 256 weights = 4.5 bpw. The _M/_S mixtures follow
+  src/llama-quant.cpp llama_tensor_get_type: attn_v and about half the ffn_down tensors one type up,
+  output.weight in Q6_K.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from moeplan.errors import QuantError
+from moeplan.params import (
+    ATTENTION, DENSE_FFN, EMBEDDING, LM_HEAD, MAMBA, NORMS, ROUTED_EXPERTS, ROUTER, SHARED_EXPERTS, VISION,
+)  # fmt: skip
+from moeplan.spec import ModelSpec
+
+Compute = Literal["fp32", "bf16", "fp8", "int8", "fp4"]
+Engine = Literal["vllm", "sglang", "llamacpp"]
+
+# GGML block sizes: (bytes per block, weights per block). Source: llama.cpp ggml/src/ggml-common.h.
+GGML_TYPES: dict[str, tuple[int, int]] = {
+    "f32": (4, 1), "f16": (2, 1), "bf16": (2, 1),
+    "q8_0": (34, 32), "q4_0": (18, 32), "q4_1": (20, 32), "q5_0": (22, 32), "q5_1": (24, 32),
+    "q2_k": (84, 256), "q3_k": (110, 256), "q4_k": (144, 256), "q5_k": (176, 256), "q6_k": (210, 256),
+    "iq1_s": (50, 256), "iq1_m": (56, 256), "iq2_xxs": (66, 256), "iq2_xs": (74, 256), "iq2_s": (82, 256),
+    "iq3_xxs": (98, 256), "iq3_s": (110, 256), "iq4_xs": (136, 256), "iq4_nl": (18, 32), "mxfp4": (17, 32),
+}  # fmt: skip
+
+
+def ggml_bpw(type_name: str) -> float:
+    size, block = GGML_TYPES[type_name]
+    return 8 * size / block
+
+
+class QuantScheme(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    description: str
+    bits: float  # effective bits per quantized weight
+    # Bits for components that do not take `bits` (16-bit embeddings, routers, ...).
+    component_bits: dict[str, float] = {}
+    compute: Compute = "bf16"  # the GEMM precision a roofline should use
+    gguf: bool = False
+    engines: tuple[Engine, ...] = ("vllm", "sglang")
+    vllm_quantization: str | None = None  # the value for vLLM's --quantization, when one is needed
+
+    def bits_for(self, component: str) -> float:
+        return self.component_bits.get(component, self.bits)
+
+    @property
+    def expert_bits(self) -> float:
+        return self.bits_for(ROUTED_EXPERTS)
+
+
+_KEEP_16 = {EMBEDDING: 16.0, LM_HEAD: 16.0, ROUTER: 16.0, NORMS: 16.0, VISION: 16.0}
+
+
+def _gguf(name: str, base: str, *, attn_v: str, ffn_down: str, output: str = "q6_k", embd: str | None = None,
+          desc: str) -> QuantScheme:
+    """A llama.cpp mixture. ffn_down one type up in about half the layers (use_more_bits: the first
+    and last eighth and every third layer between, llama-quant.cpp); attn_v one type up everywhere.
+    attention = q,k,v,o of equal weight in MHA; with GQA v is small, so we bump 1/4 of attention
+    only by the v share (kv_heads/heads), conservatively 1/4."""
+    b, v, d = ggml_bpw(base), ggml_bpw(attn_v), ggml_bpw(ffn_down)
+    ffn = (2 * b + (b + d) / 2) / 3  # gate, up in base; down half-bumped
+    attn = (3 * b + v) / 4
+    return QuantScheme(
+        name=name, description=desc, bits=ffn, gguf=True, engines=("llamacpp",), compute="bf16",
+        component_bits={
+            ATTENTION: attn, MAMBA: b, EMBEDDING: ggml_bpw(embd or base), LM_HEAD: ggml_bpw(output),
+            ROUTER: 32.0, NORMS: 32.0, VISION: 16.0,
+        },
+    )  # fmt: skip
+
+
+def _gguf_flat(name: str, type_name: str, desc: str, output: str | None = None) -> QuantScheme:
+    b = ggml_bpw(type_name)
+    return QuantScheme(
+        name=name, description=desc, bits=b, gguf=True, engines=("llamacpp",),
+        component_bits={LM_HEAD: ggml_bpw(output or type_name), ROUTER: 32.0, NORMS: 32.0, VISION: 16.0},
+    )  # fmt: skip
+
+
+def int4_group(name: str, group: int, engine_name: str) -> QuantScheme:
+    return QuantScheme(
+        name=name, description=f"4-bit weights, group {group}, fp16 scales + 4-bit zeros ({engine_name})",
+        bits=4 + 20 / group, component_bits=dict(_KEEP_16), compute="bf16",
+        vllm_quantization=engine_name if engine_name in ("awq", "gptq") else "gptq",
+    )  # fmt: skip
+
+
+@lru_cache(maxsize=1)
+def builtin_schemes() -> dict[str, QuantScheme]:
+    s: list[QuantScheme] = [
+        QuantScheme(name="fp32", description="32-bit float", bits=32, compute="fp32", engines=("vllm", "sglang")),
+        QuantScheme(name="bf16", description="bfloat16", bits=16, engines=("vllm", "sglang", "llamacpp")),
+        QuantScheme(name="fp16", description="float16", bits=16, engines=("vllm", "sglang", "llamacpp")),
+        QuantScheme(name="fp8", description="fp8 e4m3 weights, per-tensor scale; embeddings/lm_head/router bf16",
+                    bits=8, component_bits=dict(_KEEP_16), compute="fp8", vllm_quantization="fp8"),
+        QuantScheme(name="fp8-block", description="fp8 e4m3 with 128x128 fp32 block scales (DeepSeek-V3)",
+                    bits=8 + 32 / (128 * 128), component_bits=dict(_KEEP_16), compute="fp8", vllm_quantization="fp8"),
+        QuantScheme(name="int8", description="int8 weights, per-channel fp16 scales (W8A8)",
+                    bits=8 + 16 / 4096, component_bits=dict(_KEEP_16), compute="int8"),
+        int4_group("int4", 128, "gptq"),
+        int4_group("gptq", 128, "gptq"),
+        int4_group("awq", 128, "awq"),
+        QuantScheme(name="nf4", description="bitsandbytes NF4, 64-blocks with fp32 absmax", bits=4.5,
+                    component_bits=dict(_KEEP_16), vllm_quantization="bitsandbytes"),
+        QuantScheme(name="nf4-dq", description="bitsandbytes NF4 with double quantization", bits=4 + 8 / 64 + 32 / 64 / 256,
+                    component_bits=dict(_KEEP_16), vllm_quantization="bitsandbytes"),
+        QuantScheme(name="mxfp4", description="MXFP4 experts (E8M0 scale per 32), everything else bf16 (gpt-oss)",
+                    bits=4.25, vllm_quantization="mxfp4",
+                    component_bits={k: 16.0 for k in (ATTENTION, MAMBA, DENSE_FFN, EMBEDDING, LM_HEAD, ROUTER, NORMS,
+                                                      VISION)}),
+        QuantScheme(name="nvfp4", description="NVFP4 (fp8 scale per 16), embeddings/lm_head/router bf16", bits=4.5,
+                    component_bits=dict(_KEEP_16), compute="fp4", vllm_quantization="modelopt_fp4"),
+        _gguf_flat("q8_0", "q8_0", "GGUF Q8_0 (8.5 bpw)"),
+        _gguf_flat("q4_0", "q4_0", "GGUF Q4_0 (4.5 bpw), output Q6_K", output="q6_k"),
+        _gguf_flat("q6_k", "q6_k", "GGUF Q6_K (6.56 bpw)"),
+        _gguf("q5_k_m", "q5_k", attn_v="q6_k", ffn_down="q6_k", desc="GGUF Q5_K_M mixture"),
+        _gguf("q4_k_m", "q4_k", attn_v="q6_k", ffn_down="q6_k", desc="GGUF Q4_K_M mixture"),
+        _gguf("q4_k_s", "q4_k", attn_v="q5_k", ffn_down="q4_k", desc="GGUF Q4_K_S mixture"),
+        _gguf("q3_k_m", "q3_k", attn_v="q5_k", ffn_down="q4_k", desc="GGUF Q3_K_M mixture"),
+        _gguf("q2_k", "q2_k", attn_v="q4_k", ffn_down="q3_k", output="q6_k", desc="GGUF Q2_K mixture"),
+        _gguf_flat("iq4_xs", "iq4_xs", "GGUF IQ4_XS (4.25 bpw)", output="q6_k"),
+        _gguf_flat("iq3_xxs", "iq3_xxs", "GGUF IQ3_XXS (3.06 bpw)", output="q6_k"),
+        _gguf_flat("iq2_xxs", "iq2_xxs", "GGUF IQ2_XXS (2.06 bpw)", output="q6_k"),
+        _gguf_flat("iq1_s", "iq1_s", "GGUF IQ1_S (1.56 bpw)", output="q6_k"),
+    ]
+    return {scheme.name: scheme for scheme in s}
+
+
+ALIASES = {
+    "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "f32": "fp32", "f16": "fp16",
+    "fp8_e4m3": "fp8", "e4m3": "fp8", "w8a8": "int8", "int4-gptq": "gptq", "int4-awq": "awq", "bnb-nf4": "nf4",
+    "bnb4": "nf4", "fp4": "nvfp4", "mxfp4-experts": "mxfp4", "q4_k": "q4_k_m", "q5_k": "q5_k_m", "q3_k": "q3_k_m",
+    "awq_marlin": "awq", "gptq_marlin": "gptq", "compressed-tensors": "int8",
+}  # fmt: skip
+EXPERT_COMPONENTS = (ROUTED_EXPERTS, SHARED_EXPERTS)
+PLAIN_NAMES = ("bf16", "fp16", "fp32", "fp8", "int8", "int4")
+# Tried by `fit` from large to small when the user gives no --quant.
+LADDER = ("bf16", "fp8", "int8", "q8_0", "int4", "q4_k_m", "q3_k_m", "q2_k")
+
+
+def known_names() -> list[str]:
+    return sorted(builtin_schemes())
+
+
+def get_scheme(text: str) -> QuantScheme:
+    """'int4', 'awq', 'gptq-g64', 'q4_k_m', 'experts=int4,rest=bf16' -> QuantScheme."""
+    key = text.strip().lower().replace(" ", "")
+    if not key:
+        raise QuantError(f"empty --quant; choose one of {', '.join(known_names())}")
+    if "=" in key:
+        return _mixed(key, text)
+    key = ALIASES.get(key, key)
+    group = re.fullmatch(r"(int4|gptq|awq)[-_:]?g(\d+)", key)
+    if group:
+        size = int(group.group(2))
+        if size not in (32, 64, 128, 256, 512, 1024):
+            raise QuantError(f"group size {size} in '{text}' is not one of 32, 64, 128, 256, 512, 1024")
+        return int4_group(key, size, "awq" if group.group(1) == "awq" else "gptq")
+    scheme = builtin_schemes().get(key)
+    if scheme is None:
+        raise QuantError(
+            f"unknown quantization '{text}'; choose one of {', '.join(known_names())}, int4-g64, "
+            "or a mix like experts=int4,rest=bf16"
+        )
+    return scheme
+
+
+def _mixed(key: str, text: str) -> QuantScheme:
+    parts: dict[str, str] = {}
+    for item in key.split(","):
+        name, _, value = item.partition("=")
+        if name not in ("experts", "rest") or not value or "=" in value:
+            raise QuantError(f"cannot read '{text}': write experts=SCHEME,rest=SCHEME (e.g. experts=int4,rest=bf16)")
+        parts[name] = value
+    experts = get_scheme(parts.get("experts", "bf16"))
+    rest = get_scheme(parts.get("rest", "bf16"))
+    if experts.gguf != rest.gguf:
+        raise QuantError(f"'{text}' mixes GGUF and non-GGUF formats; no engine loads that")
+    bits = {c: rest.bits_for(c) for c in (ATTENTION, MAMBA, DENSE_FFN, EMBEDDING, LM_HEAD, ROUTER, NORMS, VISION)}
+    bits.update({c: experts.bits_for(c) for c in EXPERT_COMPONENTS})
+    return QuantScheme(
+        name=f"experts={experts.name},rest={rest.name}", description=f"experts {experts.name}, rest {rest.name}",
+        bits=experts.bits, component_bits=bits, compute=rest.compute, gguf=experts.gguf,
+        engines=tuple(e for e in experts.engines if e in rest.engines),
+        vllm_quantization=experts.vllm_quantization or rest.vllm_quantization,
+    )  # fmt: skip
+
+
+def native_scheme(spec: ModelSpec) -> QuantScheme:
+    """The checkpoint as shipped: its quantization_config, else its torch_dtype."""
+    qc = spec.quantization_config or {}
+    method = (spec.checkpoint_quant or "").lower()
+    if method == "fp8":
+        return get_scheme("fp8-block" if qc.get("weight_block_size") else "fp8")
+    if method == "mxfp4":
+        return get_scheme("mxfp4")
+    if method in ("gptq", "awq"):
+        bits, group = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+        if bits == 4:
+            return get_scheme(f"{method}-g{group}" if group > 0 else method)
+        return get_scheme("int8")
+    if method in ("modelopt", "modelopt_fp4", "nvfp4"):
+        return get_scheme("nvfp4")
+    if method == "bitsandbytes":
+        return get_scheme("nf4")
+    dtype = spec.dtype.replace("torch.", "").lower()
+    return get_scheme(ALIASES.get(dtype, dtype) if ALIASES.get(dtype, dtype) in builtin_schemes() else "bf16")
+
+
+# KV cache dtypes: bytes per element. q8_0/q4_0 are llama.cpp cache types (block sizes above).
+KV_DTYPES: dict[str, float] = {
+    "bf16": 2.0, "fp16": 2.0, "fp32": 4.0, "fp8": 1.0, "fp8_e4m3": 1.0, "fp8_e5m2": 1.0, "int8": 1.0,
+    "q8_0": 34 / 32, "q4": 18 / 32, "q4_0": 18 / 32,
+}  # fmt: skip
+_GGUF_ONLY_KV = ("q8_0", "q4", "q4_0")
+_GPU_ENGINE_KV = ("fp8", "fp8_e4m3", "fp8_e5m2", "int8")
+
+
+def kv_dtype_bytes(kv_dtype: str, scheme: QuantScheme | None = None) -> float:
+    key = kv_dtype.strip().lower()
+    key = {"auto": "bf16", "float16": "fp16", "bfloat16": "bf16"}.get(key, key)
+    if key not in KV_DTYPES:
+        raise QuantError(f"unknown KV cache dtype '{kv_dtype}'; choose one of {', '.join(KV_DTYPES)}")
+    if scheme is not None:
+        if key in _GGUF_ONLY_KV and not scheme.gguf:
+            raise QuantError(
+                f"KV dtype '{kv_dtype}' is a llama.cpp cache type; '{scheme.name}' runs on vLLM/SGLang, "
+                "use --kv-dtype fp8 or a GGUF --quant such as q4_k_m"
+            )
+        if key in _GPU_ENGINE_KV and scheme.gguf:
+            raise QuantError(
+                f"llama.cpp (GGUF '{scheme.name}') has no {kv_dtype} KV cache; use --kv-dtype q8_0, q4_0 or fp16"
+            )
+    return KV_DTYPES[key]
