@@ -57,7 +57,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-out = Console(highlight=False, soft_wrap=False)
+# Pipes and CI logs get 120 columns instead of rich's 80, so the plan tables stay readable.
+out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
 
 
 def _print_json(data: Any) -> None:
@@ -146,6 +147,147 @@ def memory(
     out.print(memory_table(rep))
     for note in rep.notes:
         out.print(f"[dim]- {note}[/dim]")
+
+
+GpusOpt = typer.Option(..., "--gpus", "-g", help="e.g. 2x24GB, 8xH100, 2xRTX4090, 1xA100-80GB,1xRTX4090")
+NodesOpt = typer.Option(1, "--nodes", help="Nodes, each with the --gpus list.")
+ContextOpt = typer.Option(4096, "--context", "-c", help="Tokens per sequence (prompt + output).")
+BatchOpt = typer.Option(1, "--batch", "-b", help="Concurrent sequences.")
+FractionOpt = typer.Option(0.90, "--mem-fraction", help="Engine memory fraction of each GPU (vLLM gpu_memory_utilization).")
+
+
+def _parse_size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|GIB|TB|TIB)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise MoeplanError(f"--cpu-mem '{text}' is not a size; write e.g. 768GB or 512GiB")
+    unit = {"GB": 1e9, "GIB": 2**30, "TB": 1e12, "TIB": 2**40}[(m.group(2) or "GB").upper()]
+    return int(float(m.group(1)) * unit)
+
+
+@app.command(name="fit")
+def fit_cmd(
+    model: str = ModelArg,
+    gpus: str = GpusOpt,
+    nodes: int = NodesOpt,
+    quant: str | None = QuantOpt,
+    context: int = ContextOpt,
+    batch: int = BatchOpt,
+    kv_dtype: str = KvOpt,
+    mem_fraction: float = FractionOpt,
+    cpu_mem: str | None = typer.Option(None, "--cpu-mem", help="Host RAM for expert offload, e.g. 768GB."),
+    emit: str | None = typer.Option(None, "--emit", help="Print the launch command: vllm, sglang or llamacpp."),
+    as_json: bool = JsonOpt,
+    from_hub: bool = FromHubOpt,
+) -> None:
+    """Does it fit? Every layout checked per GPU; largest context and batch; expert offload."""
+    from moeplan.hardware import parse_gpus
+    from moeplan.perf import rank_plan
+    from moeplan.plan import fit
+    from moeplan.report import fit_verdict, memory_bars, plans_table, verdict_table
+
+    spec = resolve_model(model, from_hub)
+    gpu_list, n_nodes = parse_gpus(gpus, nodes)
+    label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
+    res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
+              mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank_plan, gpus_label=label)
+    command = _emit(emit, spec, res) if emit else None
+    if as_json:
+        data = res.model_dump()
+        if command:
+            data["command"] = command
+        _print_json(data)
+    else:
+        out.print(fit_verdict(res))
+        out.print(verdict_table(res))
+        if res.plans:
+            out.print(plans_table(res))
+        if res.best is not None:
+            out.print(memory_bars(res.best))
+        for note in res.notes:
+            out.print(f"[dim]- {note}[/dim]")
+        if command:
+            out.print(f"\n[b]launch ({emit}):[/b]")
+            out.print(command, markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(EXIT_OK if res.fits or (res.best is not None and res.best.offload) else EXIT_MISS)
+
+
+def _emit(engine: str, spec: Any, res: Any) -> str | None:
+    try:
+        from moeplan.deploy import emit_for_fit
+    except ImportError:  # pragma: no cover
+        raise MoeplanError("--emit needs moeplan.deploy") from None
+    return emit_for_fit(engine, spec, res)
+
+
+@app.command()
+def perf(
+    model: str = ModelArg,
+    gpus: str = GpusOpt,
+    nodes: int = NodesOpt,
+    quant: str | None = QuantOpt,
+    context: int = ContextOpt,
+    batch: int = BatchOpt,
+    prompt: int = typer.Option(1024, "--prompt", help="Prompt tokens for TTFT."),
+    kv_dtype: str = KvOpt,
+    mem_fraction: float = FractionOpt,
+    sweep: bool = typer.Option(False, "--sweep", help="Show the batch sweep (1, 4, 16, 64, 256, 1024)."),
+    as_json: bool = JsonOpt,
+    from_hub: bool = FromHubOpt,
+) -> None:
+    """Prefill and decode speed of the best plan: an MoE-aware roofline with communication."""
+    from moeplan.hardware import parse_gpus
+    from moeplan.perf import perf_report, rank_plan
+    from moeplan.plan import fit
+    from moeplan.layout import Scenario
+    from moeplan.quant import get_scheme
+    from moeplan.report import fit_verdict, perf_table, sweep_table
+
+    spec = resolve_model(model, from_hub)
+    if prompt < 1 or prompt > context:
+        raise MoeplanError(f"--prompt must be between 1 and --context ({context}), got {prompt}")
+    gpu_list, n_nodes = parse_gpus(gpus, nodes)
+    label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
+    res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
+              mem_fraction=mem_fraction, rank=rank_plan, gpus_label=label)
+    if res.best is None:
+        out.print(fit_verdict(res)) if not as_json else _print_json(res.model_dump())
+        raise typer.Exit(EXIT_MISS)
+    scheme = get_scheme(res.best.quant).for_model(spec)
+    sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction)
+    rep = perf_report(spec, scheme, res.best, gpu_list, sc, prompt=prompt, nodes=n_nodes, gpus_label=label,
+                      sweep=sweep)
+    if as_json:
+        _print_json(rep.model_dump())
+        return
+    out.print(perf_table(rep))
+    if sweep:
+        out.print(sweep_table(rep))
+    for note in rep.notes:
+        out.print(f"[dim]- {note}[/dim]")
+
+
+@app.command(name="gpus")
+def gpus_cmd(as_json: bool = JsonOpt) -> None:
+    """The GPU catalog: memory, bandwidth, compute, links."""
+    from rich.table import Table
+
+    from moeplan.hardware import CATALOG
+
+    if as_json:
+        _print_json([g.model_dump() for g in CATALOG])
+        return
+    table = Table(title="GPU catalog (GB = 1e9 B, GiB = 2^30 B)", title_justify="left")
+    for col in ("name", "memory", "usable GiB", "GB/s", "bf16 TFLOPS", "fp8", "link"):
+        table.add_column(col)
+    for g in CATALOG:
+        table.add_row(g.name, f"{g.memory_bytes / 1e9:,.0f} GB", f"{g.usable_bytes / 2**30:,.2f}", f"{g.hbm_gb_per_s:,.0f}",
+                      f"{g.bf16_tflops:,.0f}", f"{g.fp8_tflops:,.0f}" if g.fp8_tflops else "-",
+                      f"{g.link} {g.link_gb_per_s:,.0f} GB/s")
+    out.print(table)
 
 
 def resolve_model(model: str, from_hub: bool = False) -> Any:

@@ -46,6 +46,7 @@ class Weights(BaseModel):
 def weight_bytes(spec: ModelSpec, scheme: QuantScheme) -> Weights:
     """Bytes per component; each component rounded up to whole bytes."""
     count = count_params(spec)
+    scheme = scheme.for_model(spec)
     parts = {c.name: math.ceil(c.total * scheme.bits_for(c.name) / 8) for c in count.components}
     return Weights(quant=scheme.name, by_component=parts, total=sum(parts.values()))
 
@@ -111,7 +112,8 @@ def kv_cache_bytes(
 
 
 def activation_bytes(
-    spec: ModelSpec, tokens: int, dtype_bytes: float = 2.0, *, tp: int = 1, per_layer: bool = False
+    spec: ModelSpec, tokens: int, dtype_bytes: float = 2.0, *, tp: int = 1, per_layer: bool = False,
+    logits: bool = True,
 ) -> int:
     """Peak activation memory of a prefill chunk of `tokens` tokens on one GPU.
 
@@ -121,7 +123,7 @@ def activation_bytes(
     else:
         coeff = _DENSE_ACT_COEFF
     hidden = 2 * tokens * spec.hidden_size * coeff * dtype_bytes / 2
-    if per_layer:
+    if per_layer or not logits:
         return math.ceil(hidden)
     logits = tokens * spec.vocab_size * 4  # fp32 logits, full vocab on every rank
     return math.ceil(hidden + logits)

@@ -61,6 +61,14 @@ class QuantScheme(BaseModel):
     gguf: bool = False
     engines: tuple[Engine, ...] = ("vllm", "sglang")
     vllm_quantization: str | None = None  # the value for vLLM's --quantization, when one is needed
+    gguf_mix: dict[str, object] | None = None  # llama.cpp per-tensor types, resolved by for_model
+
+    def for_model(self, spec: ModelSpec) -> QuantScheme:
+        """Resolve a llama.cpp mixture's per-component bits for this model's shapes."""
+        if not self.gguf_mix:
+            return self
+        return self.model_copy(update={"component_bits": {**self.component_bits, **_gguf_bits(spec, self.gguf_mix)},
+                                       "gguf_mix": None})
 
     def bits_for(self, component: str) -> float:
         return self.component_bits.get(component, self.bits)
@@ -73,22 +81,75 @@ class QuantScheme(BaseModel):
 _KEEP_16 = {EMBEDDING: 16.0, LM_HEAD: 16.0, ROUTER: 16.0, NORMS: 16.0, VISION: 16.0}
 
 
-def _gguf(name: str, base: str, *, attn_v: str, ffn_down: str, output: str = "q6_k", embd: str | None = None,
-          desc: str) -> QuantScheme:
-    """A llama.cpp mixture. ffn_down one type up in about half the layers (use_more_bits: the first
-    and last eighth and every third layer between, llama-quant.cpp); attn_v one type up everywhere.
-    attention = q,k,v,o of equal weight in MHA; with GQA v is small, so we bump 1/4 of attention
-    only by the v share (kv_heads/heads), conservatively 1/4."""
-    b, v, d = ggml_bpw(base), ggml_bpw(attn_v), ggml_bpw(ffn_down)
-    ffn = (2 * b + (b + d) / 2) / 3  # gate, up in base; down half-bumped
-    attn = (3 * b + v) / 4
+def _gguf(name: str, desc: str, **mix: object) -> QuantScheme:
+    """A llama.cpp mixture; its per-component bits depend on the model (see for_model)."""
+    base = str(mix["gate_up"])
     return QuantScheme(
-        name=name, description=desc, bits=ffn, gguf=True, engines=("llamacpp",), compute="bf16",
-        component_bits={
-            ATTENTION: attn, MAMBA: b, EMBEDDING: ggml_bpw(embd or base), LM_HEAD: ggml_bpw(output),
-            ROUTER: 32.0, NORMS: 32.0, VISION: 16.0,
-        },
+        name=name, description=desc, bits=ggml_bpw(base), gguf=True, engines=("llamacpp",), gguf_mix=mix,
+        component_bits={ROUTER: 32.0, NORMS: 32.0, VISION: 16.0},
     )  # fmt: skip
+
+
+def use_more_bits_fraction(n_layers: int) -> float:
+    """Share of layers llama.cpp gives one type more (llama-quant.cpp use_more_bits):
+    the first and last eighth, and every third layer between."""
+    if n_layers <= 0:
+        return 0.0
+    hits = sum(i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2 for i in range(n_layers))
+    return hits / n_layers
+
+
+# When a row is not a multiple of 256, llama.cpp falls back from k-quants (llama-quant.cpp):
+# Q2_K/Q3_K -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0. gpt-oss (hidden 2880) hits this.
+_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+
+
+def _gguf_bits(spec: ModelSpec, mix: dict[str, object]) -> dict[str, float]:
+    n = spec.num_layers
+    blocky = spec.hidden_size % 256 == 0 and (spec.expert_intermediate_size or 256) % 256 == 0
+
+    def bpw(rule: object) -> float:
+        text = str(rule)
+        if text.startswith("more:"):  # use_more_bits layers one type up
+            _, hi, lo = text.split(":")
+            f = use_more_bits_fraction(n)
+            return f * bpw(hi) + (1 - f) * bpw(lo)
+        if text.startswith("first16:"):
+            _, hi, lo = text.split(":")
+            f = (n // 16) / n if n else 0.0
+            return f * bpw(hi) + (1 - f) * bpw(lo)
+        if text.startswith("gqa4:"):
+            _, hi, lo = text.split(":")
+            return bpw(hi if spec.num_attention_heads // spec.num_kv_heads >= 4 else lo)
+        if not blocky and text in _FALLBACK:
+            text = _FALLBACK[text]
+        return ggml_bpw(text)
+
+    exp8 = spec.num_experts == 8  # "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+    q, k, v, o = bpw(mix["q"]), bpw(mix["k"]), bpw(mix["v"]), bpw(mix["o"])
+    if exp8:
+        k = v = ggml_bpw("q8_0")
+        if mix.get("exp8_o"):
+            o = bpw(mix["exp8_o"])
+    h = spec.hidden_size
+    if spec.attention == "mla" and spec.mla is not None:
+        m = spec.mla
+        kv_b = m.kv_lora_rank * spec.num_attention_heads * (m.qk_nope_head_dim + m.v_head_dim)  # attn_kv_b ~ attn_v
+        o_n = spec.num_attention_heads * m.v_head_dim * h
+        from moeplan.params import attention_params
+
+        rest = attention_params(spec) - kv_b - o_n
+        attn = (rest * q + kv_b * v + o_n * o) / (rest + kv_b + o_n)
+    else:
+        qn = on = h * spec.num_attention_heads * spec.head_dim
+        kn = vn = h * spec.num_kv_heads * spec.head_dim
+        attn = (qn * q + kn * k + vn * v + on * o) / (qn + kn + vn + on)
+    gate_up, down = bpw(mix["gate_up"]), bpw(mix["down"])
+    ffn = (2 * gate_up + down) / 3
+    return {
+        ATTENTION: attn, MAMBA: gate_up, DENSE_FFN: ffn, SHARED_EXPERTS: ffn, ROUTED_EXPERTS: ffn,
+        EMBEDDING: bpw(mix["embd"]), LM_HEAD: bpw(mix["out"]),
+    }  # fmt: skip
 
 
 def _gguf_flat(name: str, type_name: str, desc: str, output: str | None = None) -> QuantScheme:
@@ -135,11 +196,18 @@ def builtin_schemes() -> dict[str, QuantScheme]:
         _gguf_flat("q8_0", "q8_0", "GGUF Q8_0 (8.5 bpw)"),
         _gguf_flat("q4_0", "q4_0", "GGUF Q4_0 (4.5 bpw), output Q6_K", output="q6_k"),
         _gguf_flat("q6_k", "q6_k", "GGUF Q6_K (6.56 bpw)"),
-        _gguf("q5_k_m", "q5_k", attn_v="q6_k", ffn_down="q6_k", desc="GGUF Q5_K_M mixture"),
-        _gguf("q4_k_m", "q4_k", attn_v="q6_k", ffn_down="q6_k", desc="GGUF Q4_K_M mixture"),
-        _gguf("q4_k_s", "q4_k", attn_v="q5_k", ffn_down="q4_k", desc="GGUF Q4_K_S mixture"),
-        _gguf("q3_k_m", "q3_k", attn_v="q5_k", ffn_down="q4_k", desc="GGUF Q3_K_M mixture"),
-        _gguf("q2_k", "q2_k", attn_v="q4_k", ffn_down="q3_k", output="q6_k", desc="GGUF Q2_K mixture"),
+        # Per-tensor types from llama.cpp src/llama-quant.cpp llama_tensor_get_type (see docs/research/
+        # gguf_types.md): (share, type) pairs for attn_v and ffn_down; exp8 = Mixtral's 8-expert rules.
+        _gguf("q5_k_m", "GGUF Q5_K_M mixture", q="q5_k", k="q5_k", v="more:q6_k:q5_k", o="q5_k", gate_up="q5_k",
+              down="more:q6_k:q5_k", embd="q5_k", out="q6_k", exp8_o=None),
+        _gguf("q4_k_m", "GGUF Q4_K_M mixture", q="q4_k", k="q4_k", v="more:q6_k:q4_k", o="q4_k", gate_up="q4_k",
+              down="more:q6_k:q4_k", embd="q4_k", out="q6_k", exp8_o="q5_k"),
+        _gguf("q4_k_s", "GGUF Q4_K_S mixture", q="q4_k", k="q4_k", v="q4_k", o="q4_k", gate_up="q4_k",
+              down="q4_k", embd="q4_k", out="q6_k", exp8_o="q5_k"),
+        _gguf("q3_k_m", "GGUF Q3_K_M mixture", q="q3_k", k="q3_k", v="q4_k", o="q4_k", gate_up="q3_k",
+              down="first16:q5_k:q4_k", embd="q3_k", out="q6_k", exp8_o="q5_k"),
+        _gguf("q2_k", "GGUF Q2_K mixture", q="q2_k", k="q2_k", v="gqa4:q4_k:q3_k", o="q3_k", gate_up="q2_k",
+              down="q3_k", embd="q2_k", out="q6_k", exp8_o="q5_k"),
         _gguf_flat("iq4_xs", "iq4_xs", "GGUF IQ4_XS (4.25 bpw)", output="q6_k"),
         _gguf_flat("iq3_xxs", "iq3_xxs", "GGUF IQ3_XXS (3.06 bpw)", output="q6_k"),
         _gguf_flat("iq2_xxs", "iq2_xxs", "GGUF IQ2_XXS (2.06 bpw)", output="q6_k"),

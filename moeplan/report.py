@@ -9,6 +9,8 @@ from rich.text import Text
 
 from moeplan.memory import MemoryReport
 from moeplan.params import ParamCount
+from moeplan.perf import PerfResult
+from moeplan.plan import FitResult, Plan
 from moeplan.spec import StoredCheckpoint
 
 if TYPE_CHECKING:
@@ -129,4 +131,110 @@ def memory_table(rep: MemoryReport) -> Table:
     table.add_section()
     table.add_row("[b]total[/b]", f"[b]{rep.total_bytes / GiB:,.2f}[/b]", f"[b]{rep.total_bytes / GB:,.2f}[/b]",
                   f"{rep.total_bytes:,}")
+    return table
+
+
+def _speed_cells(plan: Plan) -> tuple[str, str, str]:
+    if plan.speed is None:
+        return "", "", ""
+    s = plan.speed
+    return f"{s.decode_tok_per_s:,.1f}", f"{s.decode_tok_per_s_total:,.0f}", f"{s.ttft_s * 1000:,.0f}"
+
+
+def fit_verdict(res: FitResult) -> Text:
+    best = res.best
+    if res.fits and best is not None:
+        msg = (f"FITS: {res.model} on {res.gpus} with {best.quant}, {best.layout} "
+               f"(up to {best.max_context:,} tokens at batch {res.batch}, or batch {best.max_batch:,} at "
+               f"{res.context:,} tokens)")
+        return Text(msg, style="bold green")
+    if best is not None and best.offload is not None:
+        o = best.offload
+        return Text(f"DOES NOT FIT on the GPUs alone; FITS with expert offload: {best.quant}, routed experts of "
+                    f"{o.cpu_moe_layers} of {o.moe_layers} MoE layers in CPU RAM ({o.cpu_bytes / GiB:,.1f} GiB of "
+                    f"{o.cpu_budget_bytes / GiB:,.1f} GiB usable)", style="bold yellow")
+    return Text(f"DOES NOT FIT: {res.model} on {res.gpus} at {res.context:,} tokens x batch {res.batch}",
+                style="bold red")
+
+
+def verdict_table(res: FitResult) -> Table:
+    table = Table(title="quantizations tried (weights in GiB)", title_justify="left")
+    table.add_column("quant")
+    table.add_column("weights", justify="right")
+    table.add_column("fits")
+    table.add_column("why")
+    for v in res.verdicts:
+        table.add_row(v.quant, f"{v.weights_bytes / GiB:,.1f}", "[green]yes[/green]" if v.fits else "[red]no[/red]",
+                      v.reason)
+    return table
+
+
+def plans_table(res: FitResult) -> Table:
+    table = Table(title="plans (memory per GPU in GiB; best first)", title_justify="left")
+    for col, just in (("quant", "left"), ("layout", "left"), ("fits", "left"), ("max GPU use", "right"),
+                      ("max context", "right"), ("max batch", "right"), ("tok/s/seq", "right"),
+                      ("tok/s total", "right"), ("TTFT ms", "right")):
+        table.add_column(col, justify=just)  # type: ignore[arg-type]
+    for plan in res.plans:
+        worst = max(plan.per_gpu, key=lambda r: r.used_bytes / max(r.budget_bytes, 1)) if plan.per_gpu else None
+        use = f"{worst.used_bytes / GiB:,.1f}/{worst.budget_bytes / GiB:,.1f}" if worst else ""
+        table.add_row(plan.quant, plan.layout, "[green]yes[/green]" if plan.fits else "[red]no[/red]", use,
+                      f"{plan.max_context:,}" if plan.fits else "-", f"{plan.max_batch:,}" if plan.fits else "-",
+                      *_speed_cells(plan))
+    return table
+
+
+def memory_bars(plan: Plan, width: int = 40) -> Table:
+    """One bar per GPU: weights, KV, activations, overhead, free (of the engine's budget)."""
+    table = Table(title=f"per-GPU memory, {plan.quant} {plan.layout} "
+                  "([blue]w[/blue]eights [magenta]k[/magenta]v [yellow]a[/yellow]ct [red]o[/red]verhead "
+                  "[dim].[/dim] free; GiB of budget)", title_justify="left", show_header=False, box=None)
+    table.add_column("gpu")
+    table.add_column("bar")
+    table.add_column("use", justify="right")
+    for row in plan.per_gpu[:16]:
+        scale = width / max(row.budget_bytes, row.used_bytes, 1)
+        parts = [("w", row.weights_bytes, "blue"), ("k", row.kv_bytes, "magenta"),
+                 ("a", row.activation_bytes, "yellow"), ("o", row.overhead_bytes, "red")]
+        bar = Text()
+        for ch, n, style in parts:
+            bar.append(ch * round(n * scale), style=style)
+        bar.append("." * max(0, width - len(bar.plain)), style="dim")
+        label = f"GPU {row.index} {row.name}" + (f" (x{row.count})" if row.count > 1 else "")
+        over = "" if row.fits else " [red]OVER[/red]"
+        table.add_row(label, bar, f"{row.used_bytes / GiB:,.1f}/{row.budget_bytes / GiB:,.1f}{over}")
+    if len(plan.per_gpu) > 16:
+        table.add_row("...", f"{len(plan.per_gpu) - 16} more rows in --json", "")
+    return table
+
+
+def perf_table(res: PerfResult) -> Table:
+    table = Table(title=f"{res.model} on {res.gpus}: {res.quant}, {res.layout}, batch {res.batch}, "
+                  f"context {res.context:,}", title_justify="left")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        (f"TTFT ({res.prompt:,}-token prompt)", f"{res.ttft_s * 1000:,.1f} ms"),
+        ("prefill", f"{res.prefill_tok_per_s:,.0f} tok/s"),
+        ("TPOT", f"{res.tpot_s * 1000:,.2f} ms"),
+        ("decode per sequence", f"{res.decode_tok_per_s:,.1f} tok/s"),
+        ("decode all sequences", f"{res.decode_tok_per_s_total:,.1f} tok/s"),
+        ("decode bound", res.bound),
+        ("bytes read per decode step", f"{res.decode_bytes_per_step / GB:,.2f} GB"),
+        ("distinct experts per MoE layer", f"{res.decode_distinct_experts:,.1f}"),
+        ("communication per step", f"{res.comm_s_per_step * 1000:,.2f} ms"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
+
+
+def sweep_table(res: PerfResult) -> Table:
+    table = Table(title="batch sweep (decode)", title_justify="left")
+    for col in ("batch", "distinct experts/layer", "GB read/step", "bound", "TPOT ms", "tok/s total", "MoE vs dense"):
+        table.add_column(col, justify="right")
+    for r in res.sweep:
+        table.add_row(str(r["batch"]), f"{float(r['distinct_experts']):,.1f}", f"{float(r['bytes_per_step']) / GB:,.2f}",
+                      str(r["bound"]), f"{float(r['tpot_s']) * 1000:,.2f}", f"{float(r['decode_tok_per_s_total']):,.0f}",
+                      f"{float(r['moe_advantage']):.2f}x")
     return table

@@ -1,0 +1,286 @@
+"""Tensor / expert / pipeline placements and the bytes each one puts on each GPU.
+
+How engines split a MoE model (vLLM and SGLang model code; Megatron for pipeline stages):
+- tensor parallel (tp): attention heads, dense FFNs and shared experts split over tp ranks; KV heads
+  split too, but a rank never holds less than one KV head, so they are replicated when tp exceeds
+  them; MLA's latent cache is not split by heads at all: every TP rank keeps the whole latent
+  (vLLM's MLA backend). Vocab-parallel embedding and lm_head split over tp.
+- expert parallel (ep): routed experts spread over ep ranks, E // ep each and one more on the first
+  E % ep ranks; attention beside it tensor-parallel (vLLM --enable-expert-parallel: ep = tp), or
+  data-parallel (SGLang --enable-dp-attention): attention, dense and shared weights replicated and
+  the batch split, so MLA's latent cache is not replicated.
+- pipeline parallel (pp): layers cut into stages, the embedding on the first and the final norm
+  and lm_head on the last; stages may be uneven to suit cards of different sizes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from moeplan.hardware import Gpu
+from moeplan.memory import activation_bytes, kv_bytes_per_layer_token, mamba_state_bytes, overhead_bytes
+from moeplan.params import (
+    ATTENTION, DENSE_FFN, EMBEDDING, LM_HEAD, MAMBA, NORMS, ROUTED_EXPERTS, SHARED_EXPERTS, VISION,
+    layer_params, norm_params, vision_params,
+)  # fmt: skip
+from moeplan.quant import QuantScheme, kv_dtype_bytes
+from moeplan.spec import LayerSpec, ModelSpec
+
+Attn = Literal["tp", "dp"]  # attention tensor-parallel, or replicated with the batch split (DP attention)
+
+
+class Layout(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    tp: int  # GPUs per stage that split attention (1 under DP attention)
+    ep: int  # GPUs per stage that split the routed experts (1 = experts tensor-sliced over tp)
+    pp: int  # pipeline stages
+    dp_attention: bool = False
+    stage_layers: tuple[int, ...]  # decoder layers per stage
+
+    @property
+    def gpus_per_stage(self) -> int:
+        return max(self.tp, self.ep)
+
+    @property
+    def label(self) -> str:
+        attn = f"dp{self.ep}" if self.dp_attention else f"tp{self.tp}"
+        return f"{attn} ep{self.ep} pp{self.pp}" + (" uneven" if len(set(self.stage_layers)) > 1 else "")
+
+
+class GpuUse(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    index: int  # first GPU index this row stands for
+    count: int = 1  # identical GPUs this row stands for
+    stage: int
+    capacity_bytes: int  # usable memory the driver reports
+    budget_bytes: int  # capacity x the engine's memory fraction
+    used_bytes: int
+    weights_bytes: int
+    kv_bytes: int
+    activation_bytes: int
+    overhead_bytes: int
+    free_bytes: int  # budget - used (negative: overflow)
+    local_experts: int
+    weights: dict[str, int]
+
+    @property
+    def fits(self) -> bool:
+        return self.used_bytes <= self.budget_bytes
+
+
+def expert_share(num_experts: int, ep: int, rank: int) -> int:
+    """Experts on EP rank `rank`: uneven when E is not divisible (the first E % ep ranks get one more)."""
+    return num_experts // ep + (1 if rank < num_experts % ep else 0)
+
+
+def _attention_fraction(spec: ModelSpec, tp: int) -> float:
+    """Share of one layer's attention weights on one TP rank."""
+    if tp == 1:
+        return 1.0
+    h = spec.hidden_size
+    if spec.attention == "mla" and spec.mla is not None:
+        m = spec.mla
+        # q_a / kv_a down-projections and their norms are replicated; the rest splits by heads.
+        replicated = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
+        if m.q_lora_rank:
+            replicated += h * m.q_lora_rank + m.q_lora_rank
+        total = layer_params(spec, spec.layers[0])[ATTENTION][0] if spec.layers[0].mixer != "mamba" else 1
+        return (replicated + (total - replicated) / tp) / total
+    q_o = 2 * h * spec.num_attention_heads * spec.head_dim
+    kv = 2 * h * spec.num_kv_heads * spec.head_dim
+    kv_frac = math.ceil(spec.num_kv_heads / tp) / spec.num_kv_heads
+    return (q_o / tp + kv * kv_frac) / (q_o + kv)
+
+
+def kv_fraction(spec: ModelSpec, tp: int) -> float:
+    """Share of the KV cache one TP rank keeps (MLA: all of it; GQA: at least one KV head)."""
+    if spec.attention == "mla" or tp == 1:
+        return 1.0
+    return math.ceil(spec.num_kv_heads / tp) / spec.num_kv_heads
+
+
+def even_stages(num_layers: int, pp: int) -> tuple[int, ...]:
+    base, extra = divmod(num_layers, pp)
+    return tuple(base + (1 if s < extra else 0) for s in range(pp))
+
+
+def stage_bounds(stage_layers: tuple[int, ...]) -> list[tuple[int, int]]:
+    bounds, start = [], 0
+    for n in stage_layers:
+        bounds.append((start, start + n))
+        start += n
+    return bounds
+
+
+class Scenario(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    context: int
+    batch: int
+    kv_dtype: str = "bf16"
+    mem_fraction: float = 0.90
+    chunk_tokens: int = 8192
+    cuda_graphs: bool = True
+
+
+def stage_weights(
+    spec: ModelSpec, scheme: QuantScheme, layout: Layout, stage: int, local_experts: int
+) -> dict[str, int]:
+    """Weight bytes by component on one GPU of `stage`."""
+    start, end = stage_bounds(layout.stage_layers)[stage]
+    tp = 1 if layout.dp_attention else layout.tp
+    attn_frac = _attention_fraction(spec, tp)
+    out: Counter[str] = Counter()
+    for layer, times in Counter(spec.layers[start:end]).items():
+        for comp, (total, _) in layer_params(spec, layer).items():
+            if comp == ATTENTION:
+                share = attn_frac
+            elif comp in (MAMBA, DENSE_FFN, SHARED_EXPERTS):
+                share = 1 / tp
+            elif comp == ROUTED_EXPERTS:
+                share = local_experts / spec.num_experts if layout.ep > 1 else 1 / tp
+            else:  # router, norms: replicated
+                share = 1.0
+            out[comp] += math.ceil(times * total * share * scheme.bits_for(comp) / 8)
+    emb = spec.vocab_size * spec.hidden_size
+    vocab_split = 1 if layout.dp_attention else layout.tp
+    if stage == 0:
+        out[EMBEDDING] += math.ceil(emb / vocab_split * scheme.bits_for(EMBEDDING) / 8)
+        if spec.vision is not None:
+            out[VISION] += math.ceil(vision_params(spec) * scheme.bits_for(VISION) / 8)
+    if stage == layout.pp - 1:
+        out[NORMS] += math.ceil(norm_params(spec, spec.hidden_size) * scheme.bits_for(NORMS) / 8)
+        if not spec.tie_word_embeddings or layout.pp > 1:
+            # Tied weights are still a second copy when the head lives on another stage.
+            head = emb + (spec.vocab_size if spec.lm_head_bias else 0)
+            out[LM_HEAD] += math.ceil(head / vocab_split * scheme.bits_for(LM_HEAD) / 8)
+    return {k: v for k, v in out.items() if v}
+
+
+def stage_kv_bytes(spec: ModelSpec, layout: Layout, stage: int, context: int, batch: int, kv_dtype: str) -> int:
+    """KV (and Mamba state) on one GPU of `stage` for `batch` sequences of `context` tokens."""
+    start, end = stage_bounds(layout.stage_layers)[stage]
+    if layout.dp_attention:
+        seqs, frac = math.ceil(batch / layout.ep), 1.0
+    else:
+        seqs, frac = batch, kv_fraction(spec, layout.tp)
+    per = kv_bytes_per_layer_token(spec, kv_dtype_bytes(kv_dtype))
+    tokens = 0
+    mamba = 0
+    for layer, times in Counter(spec.layers[start:end]).items():
+        if layer.mixer == "mamba":
+            mamba += times
+        else:
+            tokens += times * (min(context, layer.window) if layer.window else context)
+    mamba_share = 1 / (1 if layout.dp_attention else layout.tp)
+    return math.ceil(seqs * (tokens * per * frac + mamba * mamba_state_bytes(spec) * mamba_share))
+
+
+def gpu_rows(
+    spec: ModelSpec,
+    scheme: QuantScheme,
+    layout: Layout,
+    gpus: tuple[Gpu, ...],
+    sc: Scenario,
+) -> list[GpuUse]:
+    """Per-GPU memory of a layout. GPUs that are the same card, stage and expert share are one row."""
+    g = layout.gpus_per_stage
+    n = len(gpus)
+    rows: dict[tuple[int, str, int], GpuUse] = {}
+    cache: dict[tuple[int, int], tuple[dict[str, int], int, int]] = {}
+    tp_act = 1 if layout.dp_attention else layout.tp
+    for i, gpu in enumerate(gpus):
+        stage, rank = divmod(i, g)
+        local = expert_share(spec.num_experts, layout.ep, rank % layout.ep) if layout.ep > 1 else spec.num_experts
+        key = (stage, local)
+        if key not in cache:
+            weights = stage_weights(spec, scheme, layout, stage, local)
+            kv = stage_kv_bytes(spec, layout, stage, sc.context, sc.batch, sc.kv_dtype)
+            chunk = min(sc.chunk_tokens, sc.context * sc.batch)
+            if layout.dp_attention:
+                chunk = math.ceil(chunk / layout.ep)
+            act = activation_bytes(spec, chunk, tp=tp_act, logits=stage == layout.pp - 1)
+            cache[key] = (weights, kv, act)
+        weights, kv, act = cache[key]
+        over = overhead_bytes(n, cuda_graphs=sc.cuda_graphs)
+        budget = int(gpu.usable_bytes * sc.mem_fraction)
+        w = sum(weights.values())
+        used = w + kv + act + over
+        row_key = (stage, gpu.name, local)
+        if row_key in rows:
+            rows[row_key] = rows[row_key].model_copy(update={"count": rows[row_key].count + 1})
+            continue
+        rows[row_key] = GpuUse(
+            name=gpu.name, index=i, stage=stage, capacity_bytes=gpu.usable_bytes, budget_bytes=budget,
+            used_bytes=used, weights_bytes=w, kv_bytes=kv, activation_bytes=act, overhead_bytes=over,
+            free_bytes=budget - used, local_experts=local if layout.ep > 1 else spec.num_experts, weights=weights,
+        )  # fmt: skip
+    return list(rows.values())
+
+
+def candidate_layouts(spec: ModelSpec, gpus: tuple[Gpu, ...], nodes: int) -> list[Layout]:
+    """Every (tp, ep, pp) combination worth checking for this GPU count.
+
+    tp stays inside a node (engines run tensor parallelism over NVLink, not between nodes)."""
+    n = len(gpus)
+    per_node = n // nodes
+    layouts: list[Layout] = []
+    for pp in range(1, n + 1):
+        if n % pp or pp > spec.num_layers:
+            continue
+        g = n // pp
+        stages = even_stages(spec.num_layers, pp)
+        if g <= per_node:
+            layouts.append(Layout(tp=g, ep=1, pp=pp, stage_layers=stages))
+        if spec.is_moe and g > 1 and g <= spec.num_experts:
+            if g <= per_node:
+                layouts.append(Layout(tp=g, ep=g, pp=pp, stage_layers=stages))
+            layouts.append(Layout(tp=1, ep=g, pp=pp, dp_attention=True, stage_layers=stages))
+    return layouts
+
+
+def uneven_stages(
+    spec: ModelSpec, scheme: QuantScheme, layout: Layout, gpus: tuple[Gpu, ...], sc: Scenario
+) -> tuple[int, ...] | None:
+    """Layers per stage in proportion to what each stage can hold, for cards of different sizes.
+
+    Each stage's room = its smallest GPU's budget less overhead, activations and end-stage extras;
+    layers go out in proportion to room (as llama.cpp's --tensor-split does by memory), at least one
+    per stage, the remainder to the stages with the most room left."""
+    g, pp = layout.gpus_per_stage, layout.pp
+    if pp == 1:
+        return None
+    one = Layout(**{**layout.model_dump(), "pp": 1, "stage_layers": (spec.num_layers,)})
+    # Bytes one decoder layer adds on a GPU, averaged over the model's layer mix.
+    per_layer = layer_bytes_one_stage(spec, scheme, one, sc) / spec.num_layers
+    rooms = []
+    for s in range(pp):
+        members = gpus[s * g:(s + 1) * g]
+        budget = min(int(m.usable_bytes * sc.mem_fraction) for m in members)
+        fixed = overhead_bytes(len(gpus), cuda_graphs=sc.cuda_graphs) + activation_bytes(
+            spec, min(sc.chunk_tokens, sc.context * sc.batch), tp=layout.tp, logits=s == pp - 1)
+        probe = Layout(**{**layout.model_dump(), "stage_layers": (0,) * pp})
+        fixed += sum(stage_weights(spec, scheme, probe, s, spec.num_experts).values())
+        rooms.append(budget - fixed)
+    if min(rooms) <= per_layer or spec.num_layers < pp:
+        return None
+    total_room = sum(rooms)
+    counts = [max(1, int(spec.num_layers * r / total_room)) for r in rooms]
+    while sum(counts) > spec.num_layers:
+        counts[max(range(pp), key=lambda k: counts[k])] -= 1
+    while sum(counts) < spec.num_layers:
+        counts[max(range(pp), key=lambda k: rooms[k] - counts[k] * per_layer)] += 1
+    stages = tuple(counts)
+    return None if stages == layout.stage_layers else stages
+
+
+def layer_bytes_one_stage(spec: ModelSpec, scheme: QuantScheme, layout: Layout, sc: Scenario) -> int:
+    """Decoder-layer weights plus KV on the busiest GPU if all layers sat in one stage."""
+    local = expert_share(spec.num_experts, layout.ep, 0) if layout.ep > 1 else spec.num_experts
+    weights = stage_weights(spec, scheme, layout, 0, local)
+    layer_w = sum(v for k, v in weights.items() if k not in (EMBEDDING, LM_HEAD, VISION))
+    return layer_w + stage_kv_bytes(spec, layout, 0, sc.context, sc.batch, sc.kv_dtype)

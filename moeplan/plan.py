@@ -1,0 +1,408 @@
+"""`fit`: the search over quantizations and layouts, the largest context and batch, expert offload.
+
+A plan fits only when every GPU fits on its own: the memory of several cards is never pooled.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from pydantic import BaseModel, ConfigDict
+
+from moeplan.errors import MoeplanError
+from moeplan.hardware import Gpu
+from moeplan.layout import (
+    GpuUse, Layout, Scenario, candidate_layouts, gpu_rows, stage_kv_bytes, uneven_stages,
+)  # fmt: skip
+from moeplan.memory import MAX_CONTEXT, activation_bytes, check_context, kv_cache_bytes, overhead_bytes
+from moeplan.params import EMBEDDING, LM_HEAD, ROUTED_EXPERTS, VISION, layer_params, norm_params, vision_params
+from moeplan.quant import LADDER, QuantScheme, get_scheme, kv_dtype_bytes, native_scheme
+from moeplan.spec import ModelSpec
+
+GiB = 2**30
+CPU_RAM_FRACTION = 0.90  # leave a tenth of host RAM to the OS and the engine's host buffers
+OFFLOAD_LADDER = ("q8_0", "q6_k", "q4_k_m", "q3_k_m", "q2_k", "iq1_s")
+LLAMACPP_UBATCH = 512  # llama.cpp n_ubatch default: its prefill chunk
+
+
+class Offload(BaseModel):
+    """Routed experts of the first `cpu_moe_layers` MoE layers kept in CPU RAM (llama.cpp --n-cpu-moe)."""
+
+    model_config = ConfigDict(frozen=True)
+    engine: str = "llama.cpp"
+    cpu_moe_layers: int
+    moe_layers: int
+    cpu_bytes: int
+    cpu_budget_bytes: int
+    gpu_layers: tuple[int, ...]  # decoder layers per GPU (llama.cpp --tensor-split)
+    offloaded_layer_ids: tuple[int, ...]
+
+
+class Speed(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    decode_tok_per_s: float
+    decode_tok_per_s_total: float
+    prefill_tok_per_s: float
+    ttft_s: float
+    tpot_s: float
+    bound: str
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    quant: str
+    layout: str
+    tp: int
+    ep: int
+    pp: int
+    dp_attention: bool
+    stage_layers: tuple[int, ...]
+    fits: bool
+    per_gpu: list[GpuUse]
+    overflow: str | None  # which GPU overflows by how much
+    overflow_bytes: int
+    max_context: int
+    max_batch: int
+    offload: Offload | None = None
+    speed: Speed | None = None
+
+
+class QuantVerdict(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    quant: str
+    fits: bool
+    weights_bytes: int
+    reason: str
+
+
+class FitResult(BaseModel):
+    """`model_dump()` is exactly `moeplan fit --json`."""
+
+    model_config = ConfigDict(frozen=True)
+    model: str
+    gpus: str
+    num_gpus: int
+    nodes: int
+    context: int
+    batch: int
+    kv_dtype: str
+    mem_fraction: float
+    fits: bool
+    best: Plan | None
+    plans: list[Plan]
+    verdicts: list[QuantVerdict]
+    notes: list[str]
+
+
+def layout_of(plan: Plan) -> Layout:
+    return Layout(tp=plan.tp, ep=plan.ep, pp=plan.pp, dp_attention=plan.dp_attention, stage_layers=plan.stage_layers)
+
+
+def _overflow(rows: list[GpuUse]) -> tuple[str | None, int]:
+    worst = min(rows, key=lambda r: r.free_bytes)
+    if worst.free_bytes >= 0:
+        return None, 0
+    over = -worst.free_bytes
+    who = f"GPU {worst.index} ({worst.name})" + (f" and {worst.count - 1} like it" if worst.count > 1 else "")
+    return (
+        f"{who} needs {worst.used_bytes / GiB:,.2f} GiB of its {worst.budget_bytes / GiB:,.2f} GiB budget: "
+        f"over by {over / GiB:,.2f} GiB ({over / 1e9:,.2f} GB)",
+        over,
+    )
+
+
+def _max_search(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
+    """Largest x in [lo, hi] with ok(x), assuming ok is monotone; 0 when none."""
+    if hi < lo or not ok(lo):
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _rows_fit(spec: ModelSpec, layout: Layout, rows: list[GpuUse], sc: Scenario, context: int, batch: int) -> bool:
+    """Do these rows still fit with another context or batch? Only KV and activations change."""
+    for row in rows:
+        kv = stage_kv_bytes(spec, layout, row.stage, context, batch, sc.kv_dtype)
+        chunk = min(sc.chunk_tokens, context * batch)
+        if layout.dp_attention:
+            chunk = math.ceil(chunk / layout.ep)
+        act = activation_bytes(spec, chunk, tp=1 if layout.dp_attention else layout.tp, logits=row.stage == layout.pp - 1)
+        if row.weights_bytes + kv + act + row.overhead_bytes > row.budget_bytes:
+            return False
+    return True
+
+
+def context_limit(spec: ModelSpec) -> int:
+    return min(spec.max_position_embeddings or MAX_CONTEXT, MAX_CONTEXT)
+
+
+def evaluate(spec: ModelSpec, scheme: QuantScheme, layout: Layout, gpus: tuple[Gpu, ...], sc: Scenario) -> Plan:
+    rows = gpu_rows(spec, scheme, layout, gpus, sc)
+    overflow, over = _overflow(rows)
+    fits = overflow is None
+    max_ctx = max_batch = 0
+    if fits:
+        max_ctx = _max_search(1, context_limit(spec), lambda c: _rows_fit(spec, layout, rows, sc, c, sc.batch))
+        max_batch = _max_search(1, 65536, lambda b: _rows_fit(spec, layout, rows, sc, sc.context, b))
+    return Plan(
+        quant=scheme.name, layout=layout.label, tp=layout.tp, ep=layout.ep, pp=layout.pp,
+        dp_attention=layout.dp_attention, stage_layers=layout.stage_layers, fits=fits, per_gpu=rows,
+        overflow=overflow, overflow_bytes=over, max_context=max_ctx, max_batch=max_batch,
+    )  # fmt: skip
+
+
+def plans_for_quant(
+    spec: ModelSpec, scheme: QuantScheme, gpus: tuple[Gpu, ...], nodes: int, sc: Scenario
+) -> list[Plan]:
+    plans = []
+    mixed = len({g.name for g in gpus}) > 1
+    if scheme.gguf:
+        # llama.cpp: prefill in n_ubatch chunks, no vLLM profile run; its compute buffers are small.
+        sc = sc.model_copy(update={"chunk_tokens": LLAMACPP_UBATCH, "cuda_graphs": False})
+    for layout in candidate_layouts(spec, gpus, nodes):
+        plan = evaluate(spec, scheme, layout, gpus, sc)
+        plans.append(plan)
+        if layout.pp > 1 and (mixed or not plan.fits):
+            stages = uneven_stages(spec, scheme, layout, gpus, sc)
+            if stages:
+                uneven = layout.model_copy(update={"stage_layers": stages})
+                plans.append(evaluate(spec, scheme, uneven, gpus, sc))
+    return plans
+
+
+def quant_candidates(spec: ModelSpec, quant: str | None) -> list[QuantScheme]:
+    """The one asked for; else the checkpoint as shipped first, then smaller formats."""
+    if quant:
+        return [get_scheme(quant).for_model(spec)]
+    native = native_scheme(spec).for_model(spec)
+    out = [native]
+    for name in LADDER:
+        scheme = get_scheme(name).for_model(spec)
+        if scheme.expert_bits < native.expert_bits and scheme.name not in {s.name for s in out}:
+            out.append(scheme)
+    return out
+
+
+def fit(
+    spec: ModelSpec,
+    gpus: tuple[Gpu, ...],
+    *,
+    nodes: int = 1,
+    context: int = 4096,
+    batch: int = 1,
+    quant: str | None = None,
+    kv_dtype: str = "bf16",
+    mem_fraction: float = 0.90,
+    cpu_mem_bytes: int | None = None,
+    rank: Callable[[ModelSpec, QuantScheme, Plan, tuple[Gpu, ...], Scenario], Plan] | None = None,
+    gpus_label: str = "",
+) -> FitResult:
+    """Every quantization candidate x every layout, checked per GPU. `rank` attaches speed."""
+    check_context(context, batch)
+    if not 0.1 <= mem_fraction <= 1.0:
+        raise MoeplanError(f"--mem-fraction must be between 0.1 and 1.0, got {mem_fraction}")
+    sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction)
+    schemes = quant_candidates(spec, quant)
+    for scheme in schemes:
+        kv_dtype_bytes(kv_dtype, scheme)
+    notes: list[str] = []
+    if context > context_limit(spec):
+        notes.append(f"context {context:,} exceeds the model's max_position_embeddings ({context_limit(spec):,})")
+    if any(g.generic for g in gpus):
+        notes.append(next(g.source for g in gpus if g.generic))
+    verdicts: list[QuantVerdict] = []
+    fitting: list[Plan] = []
+    closest: list[Plan] = []
+    from moeplan.memory import weight_bytes
+
+    for scheme in schemes:
+        plans = plans_for_quant(spec, scheme, gpus, nodes, sc)
+        good = [p for p in plans if p.fits]
+        if rank is not None:
+            good = [rank(spec, scheme, p, gpus, sc) for p in good]
+        w = weight_bytes(spec, scheme).total
+        if good:
+            verdicts.append(QuantVerdict(quant=scheme.name, fits=True, weights_bytes=w,
+                                         reason=f"fits in {len(good)} layout(s)"))
+            fitting.extend(good)
+        else:
+            near = min(plans, key=lambda p: p.overflow_bytes)
+            closest.append(near)
+            verdicts.append(QuantVerdict(quant=scheme.name, fits=False, weights_bytes=w,
+                                         reason=f"best layout {near.layout}: {near.overflow}"))
+    offload_plan = None
+    if not fitting and cpu_mem_bytes:
+        offload_plan = plan_offload(spec, gpus, sc, cpu_mem_bytes, quant)
+        if offload_plan is not None and rank is not None:
+            offload_plan = rank(spec, get_scheme(offload_plan.quant).for_model(spec), offload_plan, gpus, sc)
+    elif not fitting and spec.is_moe:
+        notes.append("nothing fits on the GPUs: give --cpu-mem (host RAM, e.g. 768GB) for an expert-offload plan")
+    best = _best(fitting, schemes) if fitting else offload_plan
+    plans = _shortlist(fitting, best) if fitting else ([offload_plan] if offload_plan else []) + closest
+    return FitResult(
+        model=spec.name, gpus=gpus_label or ",".join(g.name for g in gpus), num_gpus=len(gpus), nodes=nodes,
+        context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction, fits=bool(fitting),
+        best=best, plans=plans, verdicts=verdicts, notes=notes,
+    )  # fmt: skip
+
+
+def _score(plan: Plan) -> tuple[float, ...]:
+    speed = plan.speed.decode_tok_per_s_total if plan.speed else 0.0
+    # Faster first; then fewer pipeline stages, then more headroom.
+    return (-speed, plan.pp, -min(r.free_bytes for r in plan.per_gpu))
+
+
+def _best(fitting: list[Plan], schemes: list[QuantScheme]) -> Plan:
+    """The highest-precision quantization that fits, in its fastest layout."""
+    order = [s.name for s in schemes]
+    first = min(order.index(p.quant) for p in fitting)
+    return min((p for p in fitting if order.index(p.quant) == first), key=_score)
+
+
+def _shortlist(fitting: list[Plan], best: Plan, keep: int = 8) -> list[Plan]:
+    same = sorted((p for p in fitting if p.quant == best.quant and p is not best), key=_score)
+    others = []
+    seen = {best.quant}
+    for p in sorted(fitting, key=_score):
+        if p.quant not in seen:
+            seen.add(p.quant)
+            others.append(p)
+    return [best, *same[: keep - 1], *others]
+
+
+# ---------------------------------------------------------------------------------------------
+# Expert offload: llama.cpp's --n-cpu-moe N keeps the routed experts of the first N layers in RAM.
+# ---------------------------------------------------------------------------------------------
+
+
+def _layer_bytes(spec: ModelSpec, scheme: QuantScheme, offloaded: set[int], sc: Scenario) -> list[tuple[int, int]]:
+    """(GPU bytes, CPU bytes) per decoder layer: weights and KV, experts to CPU when offloaded."""
+    out = []
+    per = kv_bytes_per_layer_cached(spec, sc)
+    for i, layer in enumerate(spec.layers):
+        gpu = cpu = 0
+        for comp, (total, _) in layer_params(spec, layer).items():
+            b = math.ceil(total * scheme.bits_for(comp) / 8)
+            if comp == ROUTED_EXPERTS and i in offloaded:
+                cpu += b
+            else:
+                gpu += b
+        ctx = min(sc.context, layer.window) if layer.window else sc.context
+        gpu += 0 if layer.mixer == "mamba" else math.ceil(sc.batch * ctx * per)
+        out.append((gpu, cpu))
+    return out
+
+
+def kv_bytes_per_layer_cached(spec: ModelSpec, sc: Scenario) -> float:
+    from moeplan.memory import kv_bytes_per_layer_token
+
+    return kv_bytes_per_layer_token(spec, kv_dtype_bytes(sc.kv_dtype))
+
+
+def _assign(layer_gpu_bytes: list[int], rooms: list[int]) -> tuple[int, ...] | None:
+    """Contiguous layers to GPUs in order, each GPU filled to its room (llama.cpp layer split)."""
+    counts, g, used = [0] * len(rooms), 0, 0
+    for b in layer_gpu_bytes:
+        while g < len(rooms) and used + b > rooms[g]:
+            g, used = g + 1, 0
+        if g == len(rooms):
+            return None
+        counts[g] += 1
+        used += b
+    return tuple(counts)
+
+
+def plan_offload(
+    spec: ModelSpec, gpus: tuple[Gpu, ...], sc: Scenario, cpu_mem_bytes: int, quant: str | None
+) -> Plan | None:
+    """The highest-precision GGUF type and the fewest CPU-MoE layers that fit GPUs and RAM."""
+    if not spec.is_moe:
+        return None
+    sc = sc.model_copy(update={"chunk_tokens": LLAMACPP_UBATCH, "cuda_graphs": False})
+    cpu_budget = int(cpu_mem_bytes * CPU_RAM_FRACTION)
+    moe_ids = [i for i, layer in enumerate(spec.layers) if layer.ffn == "moe"]
+    schemes = [get_scheme(q).for_model(spec) for q in ((quant,) if quant else OFFLOAD_LADDER)]
+    emb = spec.vocab_size * spec.hidden_size
+    for scheme in schemes:
+        first_extra = math.ceil(emb * scheme.bits_for(EMBEDDING) / 8) + math.ceil(
+            vision_params(spec) * scheme.bits_for(VISION) / 8)
+        head = 0 if spec.tie_word_embeddings else emb
+        last_extra = math.ceil(head * scheme.bits_for(LM_HEAD) / 8) + norm_params(spec, spec.hidden_size) * 2
+        over = overhead_bytes(len(gpus), cuda_graphs=False)
+        act = activation_bytes(spec, min(LLAMACPP_UBATCH, sc.context * sc.batch))
+        rooms = [int(g.usable_bytes * sc.mem_fraction) - over - act for g in gpus]
+        rooms[0] -= first_extra
+        rooms[-1] -= last_extra
+        if min(rooms) <= 0:
+            continue
+
+        def attempt(k: int) -> tuple[tuple[int, ...], int] | None:
+            off = set(moe_ids[:k])
+            per_layer = _layer_bytes(spec, scheme, off, sc)
+            cpu = sum(c for _, c in per_layer)
+            if cpu > cpu_budget:
+                return None
+            split = _assign([g for g, _ in per_layer], rooms)
+            return (split, cpu) if split is not None else None
+
+        k = next((k for k in _offload_steps(len(moe_ids)) if attempt(k) is not None), None)
+        if k is None:
+            continue
+        # attempt(k) fits; search downward for the fewest offloaded layers.
+        lo, hi = 0, k
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if attempt(mid) is not None:
+                hi = mid
+            else:
+                lo = mid + 1
+        result = attempt(lo)
+        if result is None or lo == 0:
+            continue  # lo == 0 would mean it fits without offload: the normal search covers that
+        split, cpu = result
+        rows = _offload_rows(spec, scheme, gpus, sc, set(moe_ids[:lo]), split, rooms)
+        layout = Layout(tp=1, ep=1, pp=len(gpus), stage_layers=split)
+        offload = Offload(cpu_moe_layers=lo, moe_layers=len(moe_ids), cpu_bytes=cpu, cpu_budget_bytes=cpu_budget,
+                          gpu_layers=split, offloaded_layer_ids=tuple(moe_ids[:lo]))
+        return Plan(
+            quant=scheme.name, layout=f"llama.cpp layer split over {len(gpus)} GPU(s) + CPU experts", tp=1, ep=1,
+            pp=layout.pp, dp_attention=False, stage_layers=split, fits=True, per_gpu=rows, overflow=None,
+            overflow_bytes=0, max_context=sc.context, max_batch=sc.batch, offload=offload,
+        )  # fmt: skip
+    return None
+
+
+def _offload_steps(n: int) -> list[int]:
+    return sorted({min(n, 2**i) for i in range(n.bit_length() + 1)} | {n})
+
+
+def _offload_rows(
+    spec: ModelSpec, scheme: QuantScheme, gpus: tuple[Gpu, ...], sc: Scenario, off: set[int],
+    split: tuple[int, ...], rooms: list[int],
+) -> list[GpuUse]:
+    per_layer = _layer_bytes(spec, scheme, off, sc)
+    rows, start = [], 0
+    over = overhead_bytes(len(gpus), cuda_graphs=False)
+    act = activation_bytes(spec, min(LLAMACPP_UBATCH, sc.context * sc.batch))
+    for i, (gpu, n) in enumerate(zip(gpus, split)):
+        layers = list(range(start, start + n))
+        start += n
+        budget = int(gpu.usable_bytes * sc.mem_fraction)
+        kv = kv_cache_bytes(spec, sc.context, sc.batch, sc.kv_dtype, layers=[spec.layers[j] for j in layers])
+        layer_b = sum(per_layer[j][0] for j in layers)
+        extra = budget - over - act - rooms[i]  # embedding / lm_head on the end GPUs
+        weights = layer_b - kv + extra
+        used = weights + kv + act + over
+        rows.append(GpuUse(
+            name=gpu.name, index=i, stage=i, capacity_bytes=gpu.usable_bytes, budget_bytes=budget, used_bytes=used,
+            weights_bytes=weights, kv_bytes=kv, activation_bytes=act, overhead_bytes=over, free_bytes=budget - used,
+            local_experts=spec.num_experts, weights={"layers": layer_b - kv, "embedding/lm_head": extra},
+        ))  # fmt: skip
+    return rows
+
