@@ -1,0 +1,113 @@
+"""fit: per-GPU verdicts, layouts, largest context/batch, expert offload, the --gpus grammar."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from moeplan.cli import app
+from moeplan.errors import GpuSpecError
+from moeplan.hardware import parse_gpus
+from moeplan.perf import rank_plan
+from moeplan.plan import fit
+from moeplan.sources import resolve
+
+runner = CliRunner()
+
+
+def run(spec_name: str, gpus: str, **kw):
+    gpu_list, nodes = parse_gpus(gpus, kw.pop("nodes", 1))
+    return fit(resolve(spec_name), gpu_list, nodes=nodes, rank=rank_plan, **kw)
+
+
+def test_mixtral_2x24gb_fits_4bit_and_says_why_bf16_fp8_do_not():
+    res = run("mixtral-8x7b", "2x24GB")
+    assert res.fits and res.best is not None
+    assert res.best.quant in ("int4", "q4_k_m", "awq", "gptq")
+    by = {v.quant: v for v in res.verdicts}
+    for q in ("bf16", "fp8"):
+        assert not by[q].fits
+        assert "over by" in by[q].reason and "GiB" in by[q].reason
+
+
+def test_mixtral_bf16_exit_1_and_json_keys():
+    bad = runner.invoke(app, ["fit", "mixtral-8x7b", "--gpus", "2x24GB", "--quant", "bf16"])
+    assert bad.exit_code == 1, bad.output
+    assert "DOES NOT FIT" in bad.output
+    ok = runner.invoke(app, ["fit", "mixtral-8x7b", "--gpus", "2x24GB", "--json"])
+    assert ok.exit_code == 0
+    data = json.loads(ok.stdout)
+    assert {"fits", "best", "plans"} <= data.keys()
+    plan = data["plans"][0]
+    assert {"quant", "tp", "ep", "pp", "per_gpu", "max_context", "max_batch", "offload"} <= plan.keys()
+    assert {"name", "capacity_bytes", "used_bytes", "weights_bytes", "kv_bytes"} <= plan["per_gpu"][0].keys()
+
+
+def test_deepseek_v3_fp8_fits_8xh200_not_8xh100_bf16():
+    assert run("deepseek-v3", "8xH200").best.quant == "fp8-block"
+    assert not run("deepseek-v3", "8xH100", quant="bf16").fits
+
+
+def test_deepseek_v3_2x24gb_offload_plan_with_cpu_mem():
+    res = run("deepseek-v3", "2x24GB")
+    assert not res.fits and res.best is None
+    res = run("deepseek-v3", "2x24GB", cpu_mem_bytes=768 * 10**9)
+    assert not res.fits
+    off = res.best.offload
+    assert off is not None and 0 < off.cpu_moe_layers <= off.moe_layers == 58
+    assert off.cpu_bytes <= off.cpu_budget_bytes
+    assert all(row.used_bytes <= row.budget_bytes for row in res.best.per_gpu)
+    cli = runner.invoke(app, ["fit", "deepseek-v3", "--gpus", "2x24GB", "--cpu-mem", "768GB"])
+    assert cli.exit_code == 0 and "expert offload" in cli.output
+
+
+def test_mixed_cards_even_split_overflows_smaller_uneven_pipeline_fits():
+    # fp8 Mixtral is ~47 GB: the A100 80GB + RTX 4090 hold it together, but an even split
+    # puts ~23.5 GB on the 4090, over its budget.
+    res = run("mixtral-8x7b", "1xA100-80GB,1xRTX4090", quant="fp8")
+    assert res.fits and res.best.pp == 2
+    assert res.best.stage_layers[0] > res.best.stage_layers[1]
+    from moeplan.layout import Layout, Scenario
+    from moeplan.plan import evaluate
+    from moeplan.quant import get_scheme
+
+    gpus, _ = parse_gpus("1xA100-80GB,1xRTX4090")
+    even = evaluate(resolve("mixtral-8x7b"), get_scheme("fp8"), Layout(tp=1, ep=1, pp=2, stage_layers=(16, 16)),
+                    gpus, Scenario(context=4096, batch=1))
+    assert not even.fits and "RTX4090" in even.overflow
+    assert sum(g.usable_bytes for g in gpus) * 0.9 > sum(r.used_bytes for r in even.per_gpu)  # pooled would "fit"
+
+
+def test_qwen3_30b_on_4090_at_4bit_fits_with_largest_context():
+    res = run("qwen3-30b-a3b", "1xRTX4090", quant="q4_k_m")
+    assert res.fits
+    assert 4096 < res.best.max_context < 40960
+    tighter = run("qwen3-30b-a3b", "1xRTX4090", quant="q4_k_m", context=res.best.max_context)
+    assert tighter.fits
+    assert not run("qwen3-30b-a3b", "1xRTX4090", quant="q4_k_m", context=res.best.max_context + 64).fits
+
+
+@pytest.mark.parametrize("text,count,name", [
+    ("2x24GB", 2, "24GB"), ("4x80GiB", 4, "80GiB"), ("8xH100", 8, "H100"), ("2xRTX4090", 2, "RTX4090"),
+    (" 2 x rtx4090 ", 2, "RTX4090"), ("1xA100-80GB,1xRTX4090", 2, "A100-80GB"), ("H200", 1, "H200"),
+])
+def test_gpus_grammar(text, count, name):
+    gpus, nodes = parse_gpus(text)
+    assert len(gpus) == count and gpus[0].name == name and nodes == 1
+
+
+def test_nodes_multiply():
+    gpus, nodes = parse_gpus("8xH100", nodes=2)
+    assert len(gpus) == 16 and nodes == 2
+    gpus, nodes = parse_gpus("2x(8xH100)")
+    assert len(gpus) == 16 and nodes == 2
+
+
+@pytest.mark.parametrize("bad", ["", "2x", "0xH100", "3xFOO", "2x-5GB", "x24GB,", "24TB"])
+def test_bad_gpus(bad):
+    with pytest.raises(GpuSpecError):
+        parse_gpus(bad)
+    res = runner.invoke(app, ["fit", "mixtral-8x7b", "--gpus", bad])
+    assert res.exit_code == 2
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in res.output and "e.g. 2x24GB" in err[0]
