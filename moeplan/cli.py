@@ -11,6 +11,11 @@ from typing import Any
 
 import click
 import typer
+
+try:  # typer >= 0.20 vendors click as typer._click; older typer uses the click package.
+    from typer._click import exceptions as _cx
+except ImportError:  # pragma: no cover
+    from click import exceptions as _cx
 from rich.console import Console
 from typer.core import TyperGroup
 
@@ -28,15 +33,15 @@ class _Boundary(TyperGroup):
             rv = super().main(*args, **kwargs)
         except MoeplanError as exc:
             _fail(str(exc))
-        except click.exceptions.NoArgsIsHelpError as exc:
+        except (click.exceptions.NoArgsIsHelpError, getattr(_cx, "NoArgsIsHelpError", click.exceptions.NoArgsIsHelpError)) as exc:
             click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
             sys.exit(EXIT_BAD_INPUT)
-        except click.UsageError as exc:
+        except (click.UsageError, _cx.UsageError) as exc:
             cmd = exc.ctx.command_path if exc.ctx else "moeplan"
             _fail(f"{exc.format_message()} (see `{cmd} --help`)")
-        except click.exceptions.Exit as exc:
+        except (click.exceptions.Exit, _cx.Exit) as exc:
             sys.exit(exc.exit_code)
-        except click.Abort:
+        except (click.Abort, _cx.Abort):
             _fail("aborted")
         except KeyboardInterrupt:
             _fail("interrupted")

@@ -263,6 +263,10 @@ def spec_from_config(
     cfg = _Cfg(raw, label)
     try:
         fields = _read_common(cfg, model_type)
+    except (ValueError, TypeError) as exc:
+        # pydantic's ValidationError is a ValueError; int() of a string or list raises either.
+        detail = first_error(exc) if isinstance(exc, ValueError) else str(exc)
+        raise ConfigError(f"{label}: {detail}; fix the config") from None
     except _Missing as missing:
         needed = _missing_keys(cfg, model_type)
         keys = ", ".join(needed) if needed else missing.key
