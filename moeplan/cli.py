@@ -295,6 +295,78 @@ def gpus_cmd(as_json: bool = JsonOpt) -> None:
     out.print(table)
 
 
+@app.command()
+def card(
+    model: str = typer.Argument(..., help="Hub id org/name[@revision]"),
+    output: str | None = typer.Option(None, "--output", "-o", help="Write the card here instead of stdout."),
+) -> None:
+    """Write a model card YAML from a Hub config.json, ready for model_cards/."""
+    from pathlib import Path
+
+    from moeplan.hub import card_yaml_from_hub
+
+    text = card_yaml_from_hub(model)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        out.print(f"wrote {output}")
+    else:
+        sys.stdout.write(text)
+
+
+@app.command()
+def bench(
+    model: str = ModelArg,
+    device: str = typer.Option("cuda", "--device", help="cuda, cpu or mps"),
+    quant: str = typer.Option("bf16", "--quant", "-q", help="bf16, fp16 or fp32"),
+    batch: int = typer.Option(1, "--batch", "-b"),
+    context: int = typer.Option(1024, "--context", "-c", help="KV cache tokens for the decode step"),
+    prompt: int | None = typer.Option(None, "--prompt", help="Prefill tokens (default 512 on GPU, 128 on CPU)"),
+    layers: int = typer.Option(1, "--layers", help="Decoder layers to stack (MoE layers first)"),
+    full: bool = typer.Option(False, "--full", help="Build the whole model when it fits"),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel processes (nccl on GPUs, gloo on CPU)"),
+    save_calibration: bool = typer.Option(False, "--save-calibration", help="Save measured efficiencies"),
+    as_json: bool = JsonOpt,
+    from_hub: bool = FromHubOpt,
+) -> None:
+    """Build a real MoE layer at the model's true size, measure it, print predicted vs measured."""
+    if device not in ("cuda", "cpu", "mps"):
+        raise MoeplanError(f"--device must be cuda, cpu or mps, got '{device}'")
+    if quant not in ("bf16", "fp16", "fp32"):
+        raise MoeplanError(f"bench runs bf16, fp16 or fp32 weights, got '{quant}'")
+    for name, value in (("--batch", batch), ("--context", context), ("--layers", layers), ("--ep", ep)):
+        if value < 1:
+            raise MoeplanError(f"{name} must be at least 1, got {value}")
+    spec = resolve_model(model, from_hub)
+    try:
+        from moeplan.bench.run import run_bench
+    except ImportError as exc:
+        raise MoeplanError(f"bench needs torch ({exc}): pip install 'moeplan[bench]'") from None
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+
+        def on_step(description: str, done: int, total: int) -> None:
+            progress.update(task, description=description, completed=done, total=total)
+
+        result = run_bench(spec, device=device, dtype=quant, batch=batch, context=context, prompt=prompt,  # type: ignore[arg-type]
+                           layers=layers, full=full, ep=ep, on_step=on_step)
+    if save_calibration and result.fits:
+        from moeplan.bench.run import save_result_calibration
+
+        path = save_result_calibration(result)
+        out.print(f"[dim]calibration saved to {path}[/dim]") if not as_json else None
+    if as_json:
+        _print_json(result.model_dump())
+    else:
+        from moeplan.report import bench_table
+
+        out.print(bench_table(result))
+        for note in result.notes:
+            out.print(f"[dim]- {note}[/dim]")
+    raise typer.Exit(EXIT_OK if result.fits else EXIT_MISS)
+
+
 def resolve_model(model: str, from_hub: bool = False) -> Any:
     from moeplan.sources import resolve
 

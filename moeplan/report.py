@@ -238,3 +238,30 @@ def sweep_table(res: PerfResult) -> Table:
                       str(r["bound"]), f"{float(r['tpot_s']) * 1000:,.2f}", f"{float(r['decode_tok_per_s_total']):,.0f}",
                       f"{float(r['moe_advantage']):.2f}x")
     return table
+
+
+def bench_table(res: object) -> Table:
+    """Predicted vs measured for `moeplan bench` (a BenchResult; typed loosely so report needs no torch)."""
+    r = res  # BenchResult
+    table = Table(title=f"{r.model} on {r.device_name} ({r.device}), {r.dtype}, layers {r.layers}, MoE path "  # type: ignore[attr-defined]
+                  f"{r.path}, batch {r.batch}, context {r.context:,}, prompt {r.prompt:,}", title_justify="left")  # type: ignore[attr-defined]
+    for col in ("figure", "predicted", "measured", "error"):
+        table.add_column(col, justify="left" if col == "figure" else "right")
+    fmt = {"param_bytes": lambda v: f"{v / GiB:,.3f} GiB", "peak_bytes": lambda v: f"{v / GiB:,.3f} GiB",
+           "decode_s": lambda v: f"{v * 1000:,.3f} ms", "prefill_s": lambda v: f"{v * 1000:,.2f} ms"}
+    for key, f in fmt.items():
+        p = getattr(r.predicted, key)  # type: ignore[attr-defined]
+        m = getattr(r.measured, key)  # type: ignore[attr-defined]
+        e = r.errors.get(key)  # type: ignore[attr-defined]
+        table.add_row(key, f(p) if p is not None else "-", f(m) if m is not None else "-",
+                      f"{e:+.1%}" if e is not None else "-")
+    a = r.achieved  # type: ignore[attr-defined]
+    if a is not None:
+        table.add_section()
+        table.add_row("decode bandwidth", "", f"{a.decode_gb_per_s:,.1f} GB/s",
+                      f"{a.decode_fraction_of_peak:.0%} of {a.peak_gb_per_s:,.0f}")
+        table.add_row("prefill compute", "", f"{a.prefill_tflops:,.2f} TFLOP/s",
+                      f"{a.prefill_fraction_of_peak:.0%} of {a.peak_tflops:,.0f}")
+    if not r.fits:  # type: ignore[attr-defined]
+        table.add_row("[red]does not fit[/red]", "", str(r.oom), "")  # type: ignore[attr-defined]
+    return table

@@ -1,0 +1,304 @@
+"""moeplan bench: real torch layers on CPU, tiny sizes (and true sizes on the meta device)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import types
+from typing import Any
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from moeplan.bench import ep as bench_ep  # noqa: E402
+from moeplan.bench import harness  # noqa: E402
+from moeplan.bench.layers import (  # noqa: E402
+    GatedFFN,
+    build_layers,
+    experts_forward,
+    grouped_mm_supported,
+    moe_reference,
+    param_bytes,
+    param_count,
+)
+from moeplan.bench.run import BenchResult, predicted_param_bytes, run_bench  # noqa: E402
+from moeplan.errors import BenchUnavailableError, MoeplanError  # noqa: E402
+from moeplan.memory import kv_bytes_per_token, kv_cache_bytes  # noqa: E402
+from moeplan.params import count_params, layer_params, vision_params  # noqa: E402
+from moeplan.sources import find_card  # noqa: E402
+from moeplan.spec import LayerSpec, MLASpec, ModelSpec  # noqa: E402
+
+# Tiny GQA model: a full and a sliding layer, per-head q/k norm, 8 experts top-2.
+TINY = ModelSpec(
+    name="tiny-moe", hidden_size=64, vocab_size=128, num_attention_heads=4, num_kv_heads=2, head_dim=16,
+    layers=(LayerSpec(ffn="moe"), LayerSpec(mixer="sliding", window=4, ffn="moe")),
+    num_experts=8, experts_per_token=2, expert_intermediate_size=32, qk_norm="per_head",
+)  # fmt: skip
+# Tiny DeepSeek-V3 shape: MLA, a dense first layer, sigmoid router with correction bias, a shared expert.
+TINY_MLA = ModelSpec(
+    name="tiny-mla", hidden_size=64, vocab_size=128, num_attention_heads=4, num_kv_heads=4, head_dim=24,
+    attention="mla", mla=MLASpec(q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                                 v_head_dim=16),
+    layers=(LayerSpec(ffn="dense"), LayerSpec(ffn="moe")), dense_intermediate_size=96,
+    num_experts=8, experts_per_token=2, expert_intermediate_size=32, num_shared_experts=1,
+    shared_expert_intermediate_size=32, router_scoring="sigmoid", router_correction_bias=True,
+    routed_scaling_factor=2.5,
+)  # fmt: skip
+# Every optional weight at once: biases, sinks, a gated shared expert, four norms, LayerNorm.
+TINY_EXTRAS = TINY.model_copy(
+    update=dict(name="tiny-extras", qkv_bias=True, o_bias=True, attention_sinks=True, router_bias=True,
+                expert_bias=True, shared_expert_intermediate_size=48, num_shared_experts=1, shared_expert_gate=True,
+                norms_per_layer=4, norm="layernorm", qk_norm="full")
+)  # fmt: skip
+GROUPED = grouped_mm_supported("cpu", None, torch.float32)
+
+
+def _dtype(name: str) -> Any:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters: counted == built, to the element
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [TINY, TINY_MLA, TINY_EXTRAS], ids=lambda s: s.name)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_measured_param_bytes_equal_predicted(spec: ModelSpec, dtype: str) -> None:
+    model = build_layers(spec, 2, dtype, "cpu")
+    assert param_bytes(model) == predicted_param_bytes(spec, model.layer_specs, dtype, full=False)
+    full = build_layers(spec, dtype=dtype, device="cpu", full=True)
+    assert param_bytes(full) == predicted_param_bytes(spec, spec.layers, dtype, full=True)
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"])
+def test_meta_layer_and_full_counts_match_params(name: str) -> None:
+    spec = find_card(name).spec()
+    one = build_layers(spec, 1, "bf16", torch.device("meta"))
+    counted = sum(total for total, _ in layer_params(spec, spec.layers[one.indices[0]]).values())
+    assert spec.layers[one.indices[0]].ffn == "moe"  # DeepSeek-V3's first 3 layers are dense: skipped
+    assert param_count(one) == counted
+    full = build_layers(spec, dtype="bf16", device=torch.device("meta"), full=True)
+    assert param_count(full) == count_params(spec).total_params - vision_params(spec)
+
+
+def test_mixtral_full_model_on_meta_is_46_7b() -> None:
+    full = build_layers(find_card("mixtral-8x7b").spec(), dtype="bf16", device=torch.device("meta"), full=True)
+    assert sum(p.numel() for p in full.parameters()) == 46_702_792_704
+
+
+def test_layers_prefer_moe_and_stay_in_range() -> None:
+    spec = find_card("deepseek-v3").spec()
+    meta = torch.device("meta")
+    assert build_layers(spec, 2, "bf16", meta).indices == [3, 4]
+    assert build_layers(spec, 61, "bf16", meta).indices == list(range(61))
+    with pytest.raises(MoeplanError, match="between 1 and 61"):
+        build_layers(spec, 62, "bf16", meta)
+
+
+# ----------------------------------------------------------------------------------------------
+# The MoE forward
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("path", ["grouped_mm", "loop"])
+@pytest.mark.parametrize("tokens", [1, 7, 64])
+def test_sorted_experts_equal_reference_loop(dtype: str, path: str, tokens: int) -> None:
+    if path == "grouped_mm" and not grouped_mm_supported("cpu", None, _dtype(dtype)):
+        pytest.skip("torch._grouped_mm has no CPU kernel in this torch")
+    block = build_layers(TINY_EXTRAS, 1, dtype, "cpu").moe_blocks()[0]
+    torch.nn.init.uniform_(block.experts.gate_up_bias, -0.1, 0.1)
+    x = torch.randn(tokens, 64, dtype=_dtype(dtype))
+    weights, ids = block.router(x)
+    out, counts, ran = experts_forward(x, weights, ids, block.experts, path)
+    assert ran == path and int(counts.sum()) == tokens * 2
+    torch.testing.assert_close(out, moe_reference(x, weights, ids, block.experts))
+
+
+def test_default_path_is_grouped_mm_where_supported() -> None:
+    model = build_layers(TINY, 1, "fp32", "cpu")
+    model(torch.randn(1, 3, 64))
+    assert model.moe_blocks()[0].last_path == ("grouped_mm" if GROUPED else "loop")
+
+
+def test_misaligned_widths_fall_back_to_loop() -> None:
+    # (6, 8) x (3, 8, 5) fails with "strides should be multiple of 16 bytes" (reference file, section 5).
+    spec = TINY.model_copy(update=dict(expert_intermediate_size=5))
+    model = build_layers(spec, 1, "fp32", "cpu")
+    model(torch.randn(1, 3, 64))
+    assert model.moe_blocks()[0].last_path == "loop"
+
+
+def test_one_expert_top1_equals_dense_swiglu() -> None:
+    spec = TINY.model_copy(update=dict(num_experts=1, experts_per_token=1))
+    block = build_layers(spec, 1, "fp32", "cpu").moe_blocks()[0]
+    inter = spec.expert_intermediate_size
+    dense = GatedFFN(64, inter, torch.device("cpu"), torch.float32)
+    gate_up, down = block.experts.gate_up[0], block.experts.down[0]  # (H, 2I), (I, H)
+    with torch.no_grad():
+        dense.gate_proj.weight.copy_(gate_up[:, :inter].T)
+        dense.up_proj.weight.copy_(gate_up[:, inter:].T)
+        dense.down_proj.weight.copy_(down.T)
+    x = torch.randn(2, 5, 64)
+    torch.testing.assert_close(block(x), dense(x))
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention and caches
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", [TINY, TINY_MLA, TINY_EXTRAS], ids=lambda s: s.name)
+def test_decode_on_cache_equals_full_prefill(spec: ModelSpec) -> None:
+    """A cached decode step (ring buffer on the sliding layer, absorbed MLA) gives the same hidden
+    state as running the whole sequence at once."""
+    model = build_layers(spec, 2, "fp32", "cpu")
+    x = torch.randn(2, 9, 64)
+    with torch.inference_mode():
+        whole = model(x)
+        caches = model.new_caches(2, 9)
+        model(x[:, :8], caches, 0)
+        step = model(x[:, 8:], caches, 8)
+    torch.testing.assert_close(step[:, 0], whole[:, 8], rtol=1e-4, atol=1e-4)
+
+
+def test_mla_cache_holds_the_latent_per_token() -> None:
+    model = build_layers(TINY_MLA, 2, "bf16", "cpu")
+    batch, tokens = 3, 10
+    caches = model.new_caches(batch, tokens)
+    m = TINY_MLA.mla
+    assert m is not None
+    per_layer = [c.nbytes // (batch * tokens) for c in caches]
+    assert per_layer == [(m.kv_lora_rank + m.qk_rope_head_dim) * 2] * 2
+    assert sum(per_layer) == kv_bytes_per_token(TINY_MLA, kv_dtype="bf16")  # the planner's formula
+
+
+def test_sliding_layer_cache_is_capped_at_its_window() -> None:
+    caches = build_layers(TINY, 2, "bf16", "cpu").new_caches(3, 100)
+    assert [c.capacity for c in caches] == [100, 4]
+    assert sum(c.nbytes for c in caches) == kv_cache_bytes(TINY, 100, 3, "bf16")
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert parallel
+# ----------------------------------------------------------------------------------------------
+
+
+def test_expert_split_is_uneven_when_not_divisible() -> None:
+    assert bench_ep.expert_split(8, 3) == [3, 3, 2]
+    with pytest.raises(MoeplanError, match="between 1 and num_experts"):
+        bench_ep.expert_split(4, 5)
+
+
+@pytest.mark.parametrize("tokens", [5, 1])  # 1 token: rank 1 routes none of its own
+def test_two_rank_gloo_expert_parallel_equals_one_process(tokens: int) -> None:
+    spec = TINY_MLA.model_copy(update=dict(num_experts=7))  # 4 + 3 experts
+    block = build_layers(spec, 1, "fp32", "cpu").moe_blocks()[0]
+    torch.nn.init.uniform_(block.router.e_score_correction_bias, -0.1, 0.1)
+    x = torch.randn(tokens, 64)
+    with torch.inference_mode():
+        expected = block.routed(x)
+    result = bench_ep.run_ep(spec, ep=2, x=x, block=block, repeats=1, warmup=0)
+    assert result.experts_per_rank == [4, 3]
+    assert result.dispatch_s > 0 and result.combine_s > 0
+    torch.testing.assert_close(result.output, expected)
+
+
+# ----------------------------------------------------------------------------------------------
+# run_bench: predictions (real moeplan.memory/perf, or a stand-in until they land)
+# ----------------------------------------------------------------------------------------------
+
+
+def _stub_perf() -> types.ModuleType:
+    """A stand-in with the agreed API (Efficiency, predict_layers) until moeplan.perf has it."""
+    perf = types.ModuleType("moeplan.perf")
+
+    class Efficiency:
+        def __init__(self, memory: float = 0.8, compute: float = 0.6) -> None:
+            self.memory, self.compute = memory, compute
+
+    def predict_layers(spec: ModelSpec, gpu: Any, *, layers: tuple[LayerSpec, ...], batch: int, context: int,
+                       prompt: int, dtype_bytes: float, efficiency: Any = None) -> Any:  # fmt: skip
+        eff = efficiency or Efficiency()
+        params = sum(t for layer in layers for t, _ in layer_params(spec, layer).values())
+        flops = 2.0 * batch * prompt * params
+        return types.SimpleNamespace(
+            decode_s=params * dtype_bytes / (gpu.hbm_gb_per_s * 1e9 * eff.memory),
+            prefill_s=flops / (gpu.bf16_tflops * 1e12 * eff.compute), decode_bytes=params * dtype_bytes,
+            decode_flops=2.0 * batch * params, prefill_bytes=params * dtype_bytes, prefill_flops=flops,
+        )  # fmt: skip
+
+    perf.Efficiency, perf.predict_layers = Efficiency, predict_layers  # type: ignore[attr-defined]
+    return perf
+
+
+@pytest.fixture
+def predictions(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real moeplan.memory and moeplan.perf; perf stubbed while it lacks predict_layers."""
+    perf = importlib.import_module("moeplan.perf")
+    if not hasattr(perf, "predict_layers"):
+        monkeypatch.setitem(sys.modules, "moeplan.perf", _stub_perf())
+
+
+@pytest.mark.parametrize("spec", [TINY, TINY_MLA], ids=lambda s: s.name)
+def test_run_bench_smoke_on_cpu(predictions: None, spec: ModelSpec) -> None:
+    steps: list[tuple[str, int, int]] = []
+    result = run_bench(spec, device="cpu", dtype="fp32", batch=2, context=32, prompt=16, layers=2, repeats=2,
+                       on_step=lambda d, done, total: steps.append((d, done, total)))  # fmt: skip
+    assert result.fits and result.oom is None
+    assert result.path == ("grouped_mm" if GROUPED else "loop")
+    assert result.measured.param_bytes == result.predicted.param_bytes
+    assert result.errors["param_bytes"] == 0
+    assert result.measured.decode_s and result.measured.prefill_s and result.measured.peak_bytes
+    assert result.achieved is not None and result.achieved.decode_gb_per_s > 0
+    assert all(1 <= n <= 2 * 2 for n in result.achieved.distinct_experts)  # batch 2 x top-2, of 8
+    assert steps[-1][1] == steps[-1][2]  # the progress reaches its total
+    dumped = result.model_dump()
+    json.dumps(dumped)
+    assert set(dumped["predicted"]) == set(dumped["measured"]) == {"param_bytes", "peak_bytes", "decode_s", "prefill_s"}
+    assert {"model", "device", "device_name", "path", "dtype", "layers", "errors", "achieved", "fits"} <= set(dumped)
+
+
+def test_run_bench_full_model_smoke(predictions: None) -> None:
+    result = run_bench(TINY, device="cpu", dtype="bf16", full=True, context=8, prompt=8, repeats=1)
+    assert result.fits and result.layers == [0, 1]
+    assert result.measured.param_bytes == (count_params(TINY).total_params) * 2
+
+
+def test_out_of_memory_is_a_result_not_a_crash(predictions: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    def oom(*args: Any, **kwargs: Any) -> Any:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(harness, "peak_bytes_of", oom)
+    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
+    assert result.fits is False and "out of memory" in (result.oom or "")
+    assert result.measured.param_bytes == result.predicted.param_bytes  # the weights did fit
+    assert result.measured.decode_s is None
+
+
+def test_too_big_for_host_ram_is_not_tried(predictions: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(harness, "host_memory_bytes", lambda: (2**30, 1024))
+    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
+    assert result.fits is False and (result.oom or "").startswith("not tried")
+
+
+def test_other_errors_are_not_swallowed(predictions: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(harness, "peak_bytes_of", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
+
+
+def test_without_torch_bench_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+    with pytest.raises(BenchUnavailableError, match="pip install 'moeplan\\[bench\\]'"):
+        run_bench(TINY, device="cpu")
+
+
+def test_bench_result_is_the_json_model() -> None:
+    assert "fits" in BenchResult.model_fields and "errors" in BenchResult.model_fields
