@@ -306,11 +306,14 @@ def card(
     from moeplan.hub import card_yaml_from_hub
 
     text = card_yaml_from_hub(model)
-    if output:
-        Path(output).write_text(text, encoding="utf-8")
-        out.print(f"wrote {output}")
-    else:
+    if not output:
         sys.stdout.write(text)
+        return
+    try:
+        Path(output).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise MoeplanError(f"cannot write {output}: {exc.strerror}") from None
+    out.print(f"wrote {output}")
 
 
 @app.command()
