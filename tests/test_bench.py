@@ -23,7 +23,8 @@ from moeplan.bench.layers import (  # noqa: E402
     param_bytes,
     param_count,
 )
-from moeplan.bench.run import BenchResult, predicted_param_bytes, run_bench  # noqa: E402
+from moeplan import calibration  # noqa: E402
+from moeplan.bench.run import BenchResult, predicted_param_bytes, run_bench, save_result_calibration  # noqa: E402
 from moeplan.errors import BenchUnavailableError, MoeplanError  # noqa: E402
 from moeplan.memory import kv_bytes_per_token, kv_cache_bytes  # noqa: E402
 from moeplan.params import count_params, layer_params, vision_params  # noqa: E402
@@ -302,3 +303,54 @@ def test_without_torch_bench_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_bench_result_is_the_json_model() -> None:
     assert "fits" in BenchResult.model_fields and "errors" in BenchResult.model_fields
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration file
+# ----------------------------------------------------------------------------------------------
+
+
+def test_calibration_path_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path / "cache"))
+    assert calibration.calibration_path() == tmp_path / "cache" / "calibration.json"
+    monkeypatch.delenv("MOEPLAN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert calibration.calibration_path() == tmp_path / "xdg" / "moeplan" / "calibration.json"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert calibration.calibration_path() == tmp_path / "home" / ".cache" / "moeplan" / "calibration.json"
+
+
+def test_calibration_round_trip_and_clipping(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path))
+    assert calibration.load_calibration("H100", "bf16") is None
+    path = calibration.save_calibration("H100", "bf16", 0.71, 0.55, "test")
+    calibration.save_calibration("H100", "fp16", 1.7, 0.01, "test")  # clipped into (0.05, 1.0]
+    assert path == tmp_path / "calibration.json"
+    got = calibration.load_calibration("H100", "bf16")
+    assert got is not None and (got["memory"], got["compute"], got["source"]) == (0.71, 0.55, "test") and got["date"]
+    fp16 = calibration.load_calibration("H100", "fp16")
+    assert fp16 is not None and (fp16["memory"], fp16["compute"]) == (1.0, 0.05)
+    assert calibration.efficiency(1.0, 4.0) == 0.25
+    with pytest.raises(MoeplanError, match="positive"):
+        calibration.efficiency(1.0, 0.0)
+
+
+def test_damaged_calibration_file_is_an_empty_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path))
+    (tmp_path / "calibration.json").write_text("{not json", encoding="utf-8")
+    assert calibration.load_calibration("H100", "bf16") is None
+    calibration.save_calibration("H100", "bf16", 0.5, 0.5, "test")
+    assert calibration.load_calibration("H100", "bf16") is not None
+
+
+def test_bench_result_calibration_is_saved(predictions: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path))
+    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
+    assert result.efficiency is not None
+    assert save_result_calibration(result) == tmp_path / "calibration.json"
+    saved = calibration.load_calibration(result.gpu, "fp32")
+    assert saved is not None and saved["memory"] == result.efficiency["memory"]
+    perf = importlib.import_module("moeplan.perf")
+    if hasattr(perf, "efficiency_for"):  # the planner picks the measured efficiency up
+        assert perf.efficiency_for(harness.host_gpu(), "fp32").memory == result.efficiency["memory"]

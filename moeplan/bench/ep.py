@@ -127,7 +127,7 @@ def _worker(rank: int, ranks: int, port: int, job: dict[str, Any]) -> None:
         split = job["split"]
         first = sum(split[:rank])
         owner = torch.repeat_interleave(torch.arange(ranks), torch.tensor(split)).to(device)  # (E)
-        w: dict[str, Tensor | None] | None = job["weights"]
+        w: dict[str, Any] | None = job["weights"]
         torch.manual_seed(job["seed"])  # same router and tokens on every rank when random
         local = RoutedExperts(split[rank], spec.hidden_size, spec.expert_intermediate_size, bias=spec.expert_bias,
                               device=device, dtype=dtype)  # fmt: skip

@@ -170,7 +170,7 @@ def prefill_flops(model: BenchModel, batch: int, prompt: int) -> float:
     tokens = batch * prompt
     flops = 2.0 * tokens * _matmul_params_per_token(model)
     spec = model.model_spec
-    for layer in model.layers:
+    for layer in model.decoders():
         attn = layer.self_attn
         if isinstance(attn, GQAttention):
             qk, v, window = spec.head_dim, spec.head_dim, attn.window
@@ -216,11 +216,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "CPU"
 
 
-def host_gpu(name: str) -> Gpu:
+def host_gpu() -> Gpu:
     """The host CPU as a 'device' for predictions: moeplan.hardware's desktop assumption."""
     total, avail = host_memory_bytes()
+    # NOTE: named "cpu" like moeplan.perf.host_gpu, so a saved calibration is found by perf.
     return Gpu(
-        name=f"CPU ({name})", memory_bytes=total or 16 * GB, usable_bytes=avail or total or 16 * GB,
+        name="cpu", memory_bytes=total or 16 * GB, usable_bytes=avail or total or 16 * GB,
         hbm_gb_per_s=HOST_RAM_GB_PER_S, bf16_tflops=HOST_TFLOPS, link="none", link_gb_per_s=0,
         pcie_gb_per_s=HOST_RAM_GB_PER_S, vendor="cpu", unified_memory=True,
         source="moeplan.hardware HOST_RAM_GB_PER_S / HOST_TFLOPS: a desktop assumption, not this CPU's datasheet",
@@ -249,12 +250,12 @@ def device_info(device: torch.device) -> tuple[str, Gpu, list[str]]:
             pass
         gpu = find_gpu(brand.replace("Apple ", "").replace(" ", "-"))
         if gpu is None:
-            gpu = host_gpu(brand)
+            gpu = host_gpu()
             notes.append(f"'{brand}' is not in the GPU catalog: peaks are the host CPU assumption")
         return brand, gpu, notes
     name = cpu_name()
     notes.append("CPU peaks are moeplan's desktop assumption (hardware.HOST_RAM_GB_PER_S, HOST_TFLOPS)")
-    return name, host_gpu(name), notes
+    return name, host_gpu(), notes
 
 
 def tensors_bytes(*tensors: torch.Tensor | None) -> int:

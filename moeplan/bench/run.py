@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,9 +39,9 @@ class Numbers(_Frozen):
     """The four figures predicted and measured side by side. Bytes are bytes; times are seconds."""
 
     param_bytes: int | None = None
-    peak_bytes: int | None = None  # peak device memory of one prefill chunk, weights and KV included
+    peak_bytes: int | None = None  # peak device memory of the prefill, weights and KV included
     decode_s: float | None = None  # one decode step: `batch` tokens attending `context` cached tokens
-    prefill_s: float | None = None  # `batch` sequences of `prompt` tokens
+    prefill_s: float | None = None  # one sequence of `prompt` tokens (the time to first token)
 
 
 class Spread(_Frozen):
@@ -145,11 +147,9 @@ def predict(spec: ModelSpec, gpu: Gpu, layers: tuple[LayerSpec, ...], *, dtype: 
     pred = perf.predict_layers(spec, gpu, **kw)
     at_peak = perf.predict_layers(spec, gpu, efficiency=perf.Efficiency(memory=1.0, compute=1.0), **kw)
     weights = predicted_param_bytes(spec, layers, dtype, full=full)
-    if full:
-        act = memory.activation_bytes(spec, batch * prompt, float(nbytes))
-    else:
-        act = memory.activation_bytes(spec, batch * prompt, float(nbytes), per_layer=True)
-    peak = weights + _kv_bytes(spec, layers, prompt, batch, dtype) + int(act)
+    # The prefill is one sequence of `prompt` tokens, as perf.predict_layers times it.
+    act = memory.activation_bytes(spec, prompt, float(nbytes), per_layer=not full)
+    peak = weights + _kv_bytes(spec, layers, prompt, 1, dtype) + int(act)
     numbers = Numbers(param_bytes=weights, peak_bytes=peak, decode_s=float(pred.decode_s), prefill_s=float(pred.prefill_s))
     return numbers, at_peak
 
@@ -187,7 +187,7 @@ def _needed_bytes(spec: ModelSpec, n_layers: int, *, dtype: str, start_layer: in
 
     meta = build_layers(spec, n_layers, dtype, torch.device("meta"), start_layer=start_layer, full=full)
     decode = sum(c.nbytes for c in meta.new_caches(batch, context + 1))
-    prefill = sum(c.nbytes for c in meta.new_caches(batch, prompt))
+    prefill = sum(c.nbytes for c in meta.new_caches(1, prompt))
     return param_bytes(meta) + max(decode, prefill)
 
 
@@ -214,8 +214,9 @@ def run_bench(
     on_step: OnStep | None = None,
 ) -> BenchResult:
     """Build `layers` decoder layers of `spec` (or the whole model with full) on `device`, measure
-    weight bytes, the peak memory of a prefill of `batch` x `prompt` tokens, its time, and a decode
-    step of `batch` tokens over a KV cache of `context` tokens; predict the same with moeplan.
+    weight bytes, the peak memory and time of a prefill of one `prompt`-token sequence, and the time
+    of a decode step of `batch` tokens over a KV cache of `context` tokens each; predict the same
+    with moeplan (memory.activation_bytes, memory.kv_cache_bytes, perf.predict_layers).
 
     Defaults on CPU: prompt 128, repeats 3; elsewhere prompt 512, repeats 20. An out-of-memory is a
     result (fits False, the CLI exits 1), not an error. Raises BenchUnavailableError without torch.
@@ -250,6 +251,11 @@ def run_bench(
                                  full=full)  # fmt: skip
     if dtype == "fp32":
         notes.append("fp32 compared against the device's bf16 peak (the catalog has no fp32 figure)")
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: "")()
+    if device == "cpu" and dtype != "fp32" and capability in ("DEFAULT", "AVX2"):
+        # NOTE: without AVX512-BF16/AMX, oneDNN has no bf16 GEMM and torch runs a generic kernel
+        # (Mixtral layer prefill on a 2-core AVX2 EPYC: 5.2 s in bf16, 2.2 s in fp32).
+        notes.append(f"this CPU ({capability}) has no native {dtype} matmul; --quant fp32 runs faster here")
 
     steps = 1 + 1 + 2 * (warmup + repeats) + (1 if ep > 1 else 0)
     progress = _Progress(steps, on_step)
@@ -273,77 +279,100 @@ def run_bench(
                 Numbers(),
             )
 
+    stage = ["building the layers"]  # what ran out of memory, for the message
     measured_params: int | None = None
-    stage = "building the layers"
     try:
         model = build_layers(spec, layers, dtype, dev, start_layer=indices[0], full=full)
         measured_params = harness.param_bytes(model)
         for block in model.moe_blocks():
             block.path = path
         progress(f"built {len(indices)} layer(s) on {device}")
-        with torch.inference_mode():
-            stage = f"prefilling {batch} x {prompt} tokens"
-            x = _inputs(model, batch, prompt, dev)
-            caches = model.new_caches(batch, prompt)
-            prefill = lambda: model(x, caches, 0)  # noqa: E731
-            prefill()  # warm: first-call allocations and kernel selection stay out of the peak
-            resident = measured_params + sum(c.nbytes for c in caches) + harness.tensors_bytes(x)
-            peak, approximate = harness.peak_bytes_of(prefill, device=dev, resident_bytes=resident)
-            if approximate:
-                notes.append(f"measured peak_bytes on {device} is approximate (resident tensors + RSS rise)")
-            progress("measured the prefill peak")
-            t_prefill = harness.time_fn(prefill, device=dev, warmup=warmup, repeats=repeats,
-                                        on_tick=lambda: progress(f"prefill {batch} x {prompt} tokens"))  # fmt: skip
-            flops = harness.prefill_flops(model, batch, prompt)
-            del caches, x
-
-            stage = f"decoding {batch} token(s) over {context} cached"
-            caches = model.new_caches(batch, context + 1, fill=True)
-            x = _inputs(model, batch, 1, dev)
-            decode = lambda: model(x, caches, context)  # noqa: E731
-            t_decode = harness.time_fn(decode, device=dev, warmup=warmup, repeats=repeats,
-                                       on_tick=lambda: progress(f"decode step, batch {batch}, context {context}"))  # fmt: skip
-            moved = harness.decode_bytes(model, caches, batch)
-            distinct = harness.distinct_experts(model)
-            ran = next((b.last_path for b in model.moe_blocks()), "none")
-            del caches, x
-        model = None  # free the device before the EP ranks allocate on it
+        m = _measure(model, dev, batch=batch, prompt=prompt, context=context, warmup=warmup, repeats=repeats,
+                     progress=progress, stage=stage)  # fmt: skip
+        del model  # free the device before the EP ranks allocate on it
         if device == "cuda":
             torch.cuda.empty_cache()
         ep_times = None
         if ep > 1:
-            stage = f"expert parallel over {ep} ranks"
+            stage[0] = f"running expert parallel over {ep} ranks"
             ep_times = _run_ep(spec, ep=ep, dtype=dtype, device=device, batch=batch, repeats=repeats, warmup=warmup)
             progress(f"expert parallel over {ep} ranks")
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is a result; the rest re-raises
         if not is_oom(exc):
             raise
-        return no_fit(f"out of memory on {device} while {stage}: {str(exc).splitlines()[0][:200]}",
+        return no_fit(f"out of memory on {device} while {stage[0]}: {str(exc).splitlines()[0][:200]}",
                       Numbers(param_bytes=measured_params))  # fmt: skip
     finally:
-        model = caches = x = None  # noqa: F841 - drop references before emptying the cache
         if device == "cuda":
             torch.cuda.empty_cache()
+    if m.peak_approximate:
+        notes.append(f"measured peak_bytes on {device} is approximate (resident tensors + RSS rise)")
 
-    measured = Numbers(param_bytes=measured_params, peak_bytes=peak, decode_s=t_decode.median_s,
-                       prefill_s=t_prefill.median_s)  # fmt: skip
+    measured = Numbers(param_bytes=measured_params, peak_bytes=m.peak_bytes, decode_s=m.decode.median_s,
+                       prefill_s=m.prefill.median_s)  # fmt: skip
     peak_tflops = gpu.peak_tflops(weight_bits=16)
-    gb_per_s = moved / t_decode.median_s / 1e9
-    tflops = flops / t_prefill.median_s / 1e12
+    gb_per_s = m.decode_bytes / m.decode.median_s / 1e9
+    tflops = m.prefill_flops / m.prefill.median_s / 1e12
     achieved = Achieved(
-        decode_bytes=moved, decode_gb_per_s=gb_per_s, decode_fraction_of_peak=gb_per_s / gpu.hbm_gb_per_s,
-        prefill_flops=flops, prefill_tflops=tflops, prefill_fraction_of_peak=tflops / peak_tflops,
-        peak_gb_per_s=gpu.hbm_gb_per_s, peak_tflops=peak_tflops, distinct_experts=distinct,
+        decode_bytes=m.decode_bytes, decode_gb_per_s=gb_per_s, decode_fraction_of_peak=gb_per_s / gpu.hbm_gb_per_s,
+        prefill_flops=m.prefill_flops, prefill_tflops=tflops, prefill_fraction_of_peak=tflops / peak_tflops,
+        peak_gb_per_s=gpu.hbm_gb_per_s, peak_tflops=peak_tflops, distinct_experts=m.distinct_experts,
     )  # fmt: skip
     return BenchResult(
-        **common, path=ran, measured=measured, errors=relative_errors(predicted, measured),
+        **common, path=m.path, measured=measured, errors=relative_errors(predicted, measured),
         spread={
-            "decode_s": Spread(min_s=t_decode.min_s, max_s=t_decode.max_s, repeats=repeats),
-            "prefill_s": Spread(min_s=t_prefill.min_s, max_s=t_prefill.max_s, repeats=repeats),
+            "decode_s": Spread(min_s=m.decode.min_s, max_s=m.decode.max_s, repeats=repeats),
+            "prefill_s": Spread(min_s=m.prefill.min_s, max_s=m.prefill.max_s, repeats=repeats),
         },
-        achieved=achieved, efficiency=_efficiency(at_peak, t_decode.median_s, t_prefill.median_s), fits=True,
+        achieved=achieved, efficiency=_efficiency(at_peak, m.decode.median_s, m.prefill.median_s), fits=True,
         ep=ep_times, notes=notes,
     )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Measured:
+    peak_bytes: int
+    peak_approximate: bool
+    prefill: Any  # harness.Timing
+    prefill_flops: float
+    decode: Any  # harness.Timing
+    decode_bytes: int
+    distinct_experts: list[int]
+    path: str
+
+
+def _measure(model: Any, dev: Any, *, batch: int, prompt: int, context: int, warmup: int, repeats: int,
+             progress: _Progress, stage: list[str]) -> _Measured:  # fmt: skip
+    """Prefill (one sequence) peak and time, then a decode step's time on a random, full cache."""
+    import torch
+
+    from moeplan.bench import harness
+
+    with torch.inference_mode():
+        stage[0] = f"prefilling {prompt} tokens"
+        x = _inputs(model, 1, prompt, dev)
+        caches = model.new_caches(1, prompt)
+        prefill = partial(model, x, caches, 0)
+        prefill()  # warm: first-call allocations and kernel selection stay out of the peak
+        resident = harness.param_bytes(model) + sum(c.nbytes for c in caches) + harness.tensors_bytes(x)
+        peak, approximate = harness.peak_bytes_of(prefill, device=dev, resident_bytes=resident)
+        progress("measured the prefill peak")
+        t_prefill = harness.time_fn(prefill, device=dev, warmup=warmup, repeats=repeats,
+                                    on_tick=lambda: progress(f"prefill {prompt} tokens"))  # fmt: skip
+        del prefill, caches, x
+
+        stage[0] = f"decoding {batch} token(s) over {context} cached"
+        caches = model.new_caches(batch, context + 1, fill=True)  # random KV: only its size matters
+        decode = partial(model, _inputs(model, batch, 1, dev), caches, context)
+        t_decode = harness.time_fn(decode, device=dev, warmup=warmup, repeats=repeats,
+                                   on_tick=lambda: progress(f"decode step, batch {batch}, context {context}"))  # fmt: skip
+        return _Measured(
+            peak_bytes=peak, peak_approximate=approximate, prefill=t_prefill,
+            prefill_flops=harness.prefill_flops(model, 1, prompt), decode=t_decode,
+            decode_bytes=harness.decode_bytes(model, caches, batch),  # after a decode: distinct experts known
+            distinct_experts=harness.distinct_experts(model),
+            path=next((b.last_path for b in model.moe_blocks()), "none"),
+        )  # fmt: skip
 
 
 def _inputs(model: Any, batch: int, tokens: int, device: Any) -> Any:
