@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -25,12 +24,11 @@ from moeplan.hardware import Gpu
 from moeplan.memory import activation_bytes, kv_bytes_per_layer_token, mamba_state_bytes, overhead_bytes
 from moeplan.params import (
     ATTENTION, DENSE_FFN, EMBEDDING, LM_HEAD, MAMBA, NORMS, ROUTED_EXPERTS, SHARED_EXPERTS, VISION,
-    layer_params, norm_params, vision_params,
+    attention_params, layer_params, norm_params, vision_params,
 )  # fmt: skip
 from moeplan.quant import QuantScheme, kv_dtype_bytes
-from moeplan.spec import LayerSpec, ModelSpec
+from moeplan.spec import ModelSpec
 
-Attn = Literal["tp", "dp"]  # attention tensor-parallel, or replicated with the batch split (DP attention)
 
 
 class Layout(BaseModel):
@@ -89,7 +87,7 @@ def _attention_fraction(spec: ModelSpec, tp: int) -> float:
         replicated = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
         if m.q_lora_rank:
             replicated += h * m.q_lora_rank + m.q_lora_rank
-        total = layer_params(spec, spec.layers[0])[ATTENTION][0] if spec.layers[0].mixer != "mamba" else 1
+        total = attention_params(spec)
         return (replicated + (total - replicated) / tp) / total
     q_o = 2 * h * spec.num_attention_heads * spec.head_dim
     kv = 2 * h * spec.num_kv_heads * spec.head_dim
@@ -180,6 +178,18 @@ def stage_kv_bytes(spec: ModelSpec, layout: Layout, stage: int, context: int, ba
     return math.ceil(seqs * (tokens * per * frac + mamba * mamba_state_bytes(spec) * mamba_share))
 
 
+def stage_activation_bytes(
+    spec: ModelSpec, layout: Layout, stage: int, sc: Scenario, context: int, batch: int
+) -> int:
+    """A prefill chunk's activations on one GPU of `stage`; DP attention splits the chunk, the
+    last stage also holds the logits."""
+    chunk = min(sc.chunk_tokens, context * batch)
+    if layout.dp_attention:
+        chunk = math.ceil(chunk / layout.ep)
+    tp = 1 if layout.dp_attention else layout.tp
+    return activation_bytes(spec, chunk, tp=tp, logits=stage == layout.pp - 1)
+
+
 def gpu_rows(
     spec: ModelSpec,
     scheme: QuantScheme,
@@ -192,7 +202,6 @@ def gpu_rows(
     n = len(gpus)
     rows: dict[tuple[int, str, int], GpuUse] = {}
     cache: dict[tuple[int, int], tuple[dict[str, int], int, int]] = {}
-    tp_act = 1 if layout.dp_attention else layout.tp
     for i, gpu in enumerate(gpus):
         stage, rank = divmod(i, g)
         local = expert_share(spec.num_experts, layout.ep, rank % layout.ep) if layout.ep > 1 else spec.num_experts
@@ -200,10 +209,7 @@ def gpu_rows(
         if key not in cache:
             weights = stage_weights(spec, scheme, layout, stage, local)
             kv = stage_kv_bytes(spec, layout, stage, sc.context, sc.batch, sc.kv_dtype)
-            chunk = min(sc.chunk_tokens, sc.context * sc.batch)
-            if layout.dp_attention:
-                chunk = math.ceil(chunk / layout.ep)
-            act = activation_bytes(spec, chunk, tp=tp_act, logits=stage == layout.pp - 1)
+            act = stage_activation_bytes(spec, layout, stage, sc, sc.context, sc.batch)
             cache[key] = (weights, kv, act)
         weights, kv, act = cache[key]
         over = overhead_bytes(n, cuda_graphs=sc.cuda_graphs)

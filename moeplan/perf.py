@@ -31,7 +31,7 @@ from moeplan.memory import kv_bytes_per_layer_token, mamba_state_bytes
 from moeplan.params import (
     ATTENTION, DENSE_FFN, LM_HEAD, MAMBA, NORMS, ROUTED_EXPERTS, ROUTER, SHARED_EXPERTS, expert_params, layer_params,
 )  # fmt: skip
-from moeplan.plan import Plan, Speed
+from moeplan.plan import Plan, Speed, layout_of
 from moeplan.quant import QuantScheme, kv_dtype_bytes
 from moeplan.spec import LayerSpec, ModelSpec
 
@@ -275,7 +275,7 @@ def speed(
     spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario, *,
     prompt: int | None = None, nodes: int = 1, efficiency: Efficiency | None = None,
 ) -> tuple[Speed, StepCost, StepCost]:
-    layout = Layout(tp=plan.tp, ep=plan.ep, pp=plan.pp, dp_attention=plan.dp_attention, stage_layers=plan.stage_layers)
+    layout = layout_of(plan)
     off = frozenset(plan.offload.offloaded_layer_ids) if plan.offload else frozenset()
     dec = step_cost(spec, scheme, layout, gpus, tokens_per_seq=1, batch=sc.batch, context=sc.context,
                     kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, offloaded=off)
@@ -308,8 +308,7 @@ def perf_report(
     if any(g.generic for g in gpus):
         notes.append(next(g.source for g in gpus if g.generic))
     if sweep:
-        layout = Layout(tp=plan.tp, ep=plan.ep, pp=plan.pp, dp_attention=plan.dp_attention,
-                        stage_layers=plan.stage_layers)
+        layout = layout_of(plan)
         dense_bytes = sum(
             n * scheme.bits_for(c) / 8 for layer in spec.layers for c, (n, _) in layer_params(spec, layer).items()
         ) / layout.gpus_per_stage

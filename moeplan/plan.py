@@ -13,9 +13,12 @@ from pydantic import BaseModel, ConfigDict
 from moeplan.errors import MoeplanError
 from moeplan.hardware import Gpu
 from moeplan.layout import (
-    GpuUse, Layout, Scenario, candidate_layouts, gpu_rows, stage_kv_bytes, uneven_stages,
+    GpuUse, Layout, Scenario, candidate_layouts, gpu_rows, stage_activation_bytes, stage_kv_bytes, uneven_stages,
 )  # fmt: skip
-from moeplan.memory import MAX_CONTEXT, activation_bytes, check_context, kv_cache_bytes, overhead_bytes
+from moeplan.memory import (
+    MAX_CONTEXT, activation_bytes, check_context, kv_bytes_per_layer_token, kv_cache_bytes, overhead_bytes,
+    weight_bytes,
+)  # fmt: skip
 from moeplan.params import EMBEDDING, LM_HEAD, ROUTED_EXPERTS, VISION, layer_params, norm_params, vision_params
 from moeplan.quant import LADDER, QuantScheme, get_scheme, kv_dtype_bytes, native_scheme
 from moeplan.spec import ModelSpec
@@ -129,10 +132,7 @@ def _rows_fit(spec: ModelSpec, layout: Layout, rows: list[GpuUse], sc: Scenario,
     """Do these rows still fit with another context or batch? Only KV and activations change."""
     for row in rows:
         kv = stage_kv_bytes(spec, layout, row.stage, context, batch, sc.kv_dtype)
-        chunk = min(sc.chunk_tokens, context * batch)
-        if layout.dp_attention:
-            chunk = math.ceil(chunk / layout.ep)
-        act = activation_bytes(spec, chunk, tp=1 if layout.dp_attention else layout.tp, logits=row.stage == layout.pp - 1)
+        act = stage_activation_bytes(spec, layout, row.stage, sc, context, batch)
         if row.weights_bytes + kv + act + row.overhead_bytes > row.budget_bytes:
             return False
     return True
@@ -219,8 +219,6 @@ def fit(
     verdicts: list[QuantVerdict] = []
     fitting: list[Plan] = []
     closest: list[Plan] = []
-    from moeplan.memory import weight_bytes
-
     for scheme in schemes:
         plans = plans_for_quant(spec, scheme, gpus, nodes, sc)
         good = [p for p in plans if p.fits]
@@ -284,7 +282,7 @@ def _shortlist(fitting: list[Plan], best: Plan, keep: int = 8) -> list[Plan]:
 def _layer_bytes(spec: ModelSpec, scheme: QuantScheme, offloaded: set[int], sc: Scenario) -> list[tuple[int, int]]:
     """(GPU bytes, CPU bytes) per decoder layer: weights and KV, experts to CPU when offloaded."""
     out = []
-    per = kv_bytes_per_layer_cached(spec, sc)
+    per = kv_bytes_per_layer_token(spec, kv_dtype_bytes(sc.kv_dtype))
     for i, layer in enumerate(spec.layers):
         gpu = cpu = 0
         for comp, (total, _) in layer_params(spec, layer).items():
@@ -298,11 +296,6 @@ def _layer_bytes(spec: ModelSpec, scheme: QuantScheme, offloaded: set[int], sc: 
         out.append((gpu, cpu))
     return out
 
-
-def kv_bytes_per_layer_cached(spec: ModelSpec, sc: Scenario) -> float:
-    from moeplan.memory import kv_bytes_per_layer_token
-
-    return kv_bytes_per_layer_token(spec, kv_dtype_bytes(sc.kv_dtype))
 
 
 def _assign(layer_gpu_bytes: list[int], rooms: list[int]) -> tuple[int, ...] | None:
