@@ -16,6 +16,16 @@ try:  # typer >= 0.20 vendors click as typer._click; older typer uses the click 
     from typer._click import exceptions as _cx
 except ImportError:  # pragma: no cover
     from click import exceptions as _cx
+
+
+def _kinds(name: str) -> tuple[type[BaseException], ...]:
+    """An exception class from click, typer's vendored click and typer itself, where each has it:
+    typer 0.29 raises its own classes, older typer click's."""
+    found = (getattr(click.exceptions, name, None), getattr(_cx, name, None), getattr(typer, name, None))
+    return tuple(dict.fromkeys(k for k in found if isinstance(k, type)))
+
+
+_NO_ARGS, _USAGE, _EXIT, _ABORT = (_kinds(n) for n in ("NoArgsIsHelpError", "UsageError", "Exit", "Abort"))
 from rich.console import Console
 from typer.core import TyperGroup
 
@@ -33,18 +43,20 @@ class _Boundary(TyperGroup):
             rv = super().main(*args, **kwargs)
         except MoeplanError as exc:
             _fail(str(exc))
-        except (click.exceptions.NoArgsIsHelpError, getattr(_cx, "NoArgsIsHelpError", click.exceptions.NoArgsIsHelpError)) as exc:
+        except _NO_ARGS as exc:
             click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
             sys.exit(EXIT_BAD_INPUT)
-        except (click.UsageError, _cx.UsageError) as exc:
+        except _USAGE as exc:
             cmd = exc.ctx.command_path if exc.ctx else "moeplan"
             _fail(f"{exc.format_message()} (see `{cmd} --help`)")
-        except (click.exceptions.Exit, _cx.Exit) as exc:
-            sys.exit(exc.exit_code)
-        except (click.Abort, _cx.Abort):
+        except _EXIT as exc:
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
+        except _ABORT:
             _fail("aborted")
         except KeyboardInterrupt:
             _fail("interrupted")
+        except BrokenPipeError:  # `moeplan fit ... | head`: the reader left; say nothing more
+            sys.exit(EXIT_OK)
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
