@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -380,6 +381,76 @@ def bench(
         for note in result.notes:
             out.print(f"[dim]- {note}[/dim]")
     raise typer.Exit(EXIT_OK if result.fits else EXIT_MISS)
+
+
+_FORMATS = ("table", "json", "markdown", "github")
+
+
+@app.command()
+def check(
+    specs: list[Path] = typer.Argument(None, help="Deployment spec YAML files (see `moeplan schema`).",
+                                       show_default=False),
+    fmt: str = typer.Option("table", "--format", "-f", help="table, json, markdown (PR comment) or github "
+                            "(workflow annotations)."),
+    print_schema: bool = typer.Option(False, "--schema", help="Print the spec's JSON Schema and exit."),
+) -> None:
+    """Plan each deployment spec and check its targets: exit 0 all pass, 1 any misses, 2 any invalid."""
+    from moeplan import deploy
+
+    if print_schema:
+        _print_json(deploy.schema())
+        return
+    if fmt not in _FORMATS:
+        raise MoeplanError(f"unknown --format {fmt!r}; use one of: {', '.join(_FORMATS)}")
+    if not specs:
+        raise MoeplanError("no spec given; try `moeplan check examples/mixtral-2x4090-pass.yaml`")
+    results = deploy.check_paths(specs)
+    if fmt == "json":
+        _print_json([r.model_dump(mode="json") for r in results])
+    elif fmt == "markdown":
+        sys.stdout.write(deploy.render_markdown(results))
+    elif fmt == "github":
+        sys.stdout.write(deploy.render_github(results))
+    else:
+        _check_table(results)
+    raise typer.Exit(deploy.exit_code(results))
+
+
+def _check_table(results: list[Any]) -> None:
+    """The summary table (the model and reason columns go below it, one full line per spec)."""
+    from rich.table import Table
+
+    from moeplan import deploy
+
+    style = {"pass": "green", "fail": "red", "invalid": "yellow"}
+    cols = [c for c in deploy.SUMMARY_COLUMNS if c not in ("model", "engine", "reason")]
+    table = Table(title="moeplan check", title_justify="left")
+    for col in cols:
+        table.add_column(col, justify="right" if "/s" in col or col.endswith((" s", "GiB")) else "left",
+                         no_wrap=col in ("result", "spec", "gpus", "plan"))
+    for row in deploy.summary_rows(results):
+        row = {**row, "spec": Path(row["spec"]).name, "result": f"[{style[row['result']]}]{row['result']}[/]"}
+        table.add_row(*(row[c] for c in cols))
+    out.print(table)
+    for r in results:
+        word = {0: "pass", 1: "fail", 2: "invalid"}[r.exit_code]
+        about = f", {r.model} on {r.gpus} with {r.engine}" if r.model else ""
+        out.print(f"\n[b]{r.path or r.name}[/b]: {word}{about}", highlight=False)
+        for line in deploy.detail_lines(r):
+            out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+        if r.command and r.exit_code == 0:
+            out.print(f"  launch ({r.engine}):", markup=False)
+            out.print(f"  {r.command}", markup=False, highlight=False, soft_wrap=True)
+            for note in r.command_notes:
+                out.print(f"  [dim]- {note}[/dim]", soft_wrap=True)
+
+
+@app.command()
+def schema() -> None:
+    """Print the deployment spec's JSON Schema (for editors and `moeplan check`)."""
+    from moeplan.deploy import schema as spec_schema
+
+    _print_json(spec_schema())
 
 
 def resolve_model(model: str, from_hub: bool = False) -> Any:

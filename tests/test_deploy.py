@@ -1,7 +1,7 @@
 """Issue 8: deployment specs checked in CI, and the engine command that runs the plan.
 
 Speed comes from a fixed fake ranker so these tests pin deploy.py's logic, not the roofline; one
-test runs the examples through the real moeplan.perf. CLI tests skip until `check` is wired."""
+test runs the examples through the real moeplan.perf and the CLI."""
 
 from __future__ import annotations
 
@@ -525,7 +525,7 @@ def test_github_annotations(results: list[CheckResult]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
-# With the real speed model, and through the CLI once `check` is wired
+# With the real speed model, and through the CLI
 # ------------------------------------------------------------------------------------------------
 
 
@@ -539,9 +539,6 @@ def test_examples_with_the_real_speed_model() -> None:
 def _cli_check() -> object:
     from moeplan.cli import app
 
-    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    if "check" not in names:
-        pytest.skip("`moeplan check` is not wired into cli.py yet")
     return app
 
 
@@ -572,3 +569,36 @@ def test_spec_model_is_frozen() -> None:
     with pytest.raises(Exception):
         spec.engine = "vllm"  # type: ignore[misc]
     assert isinstance(spec, DeploySpec)
+
+
+def test_cli_schema_validates_the_examples() -> None:
+    jsonschema = pytest.importorskip("jsonschema")
+    from typer.testing import CliRunner
+
+    app = _cli_check()
+    for args in (["schema"], ["check", "--schema"]):
+        result = CliRunner().invoke(app, args)  # type: ignore[arg-type]
+        assert result.exit_code == 0, result.output
+        schema = json.loads(result.stdout)
+        for path in (PASS, NOFIT, SLOW):
+            jsonschema.validate(yaml.safe_load(path.read_text()), schema)
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(yaml.safe_load(INVALID.read_text()), schema)
+
+
+@pytest.mark.parametrize("args", [["check"], ["check", str(PASS), "--format", "xml"]], ids=["no spec", "bad format"])
+def test_cli_check_bad_usage_is_exit_2(args: list[str]) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_cli_check(), args)  # type: ignore[arg-type]
+    assert result.exit_code == 2
+    assert "Traceback" not in result.output
+
+
+def test_cli_check_table_names_the_missed_target() -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_cli_check(), ["check", str(SLOW), str(PASS)])  # type: ignore[arg-type]
+    assert result.exit_code == 1
+    assert "max_tpot_s: predicted" in result.stdout
+    assert "llama-server" in result.stdout  # the passing spec's launch command
