@@ -258,9 +258,9 @@ def perf(
 ) -> None:
     """Prefill and decode speed of the best plan: an MoE-aware roofline with communication."""
     from moeplan.hardware import parse_gpus
+    from moeplan.layout import Scenario
     from moeplan.perf import perf_report, rank_plan
     from moeplan.plan import fit
-    from moeplan.layout import Scenario
     from moeplan.quant import get_scheme
     from moeplan.report import fit_verdict, perf_table, sweep_table
 
