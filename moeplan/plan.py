@@ -20,7 +20,7 @@ from moeplan.memory import (
     weight_bytes,
 )  # fmt: skip
 from moeplan.params import EMBEDDING, LM_HEAD, ROUTED_EXPERTS, VISION, layer_params, norm_params, vision_params
-from moeplan.quant import LADDER, QuantScheme, get_scheme, kv_dtype_bytes, native_scheme
+from moeplan.quant import LADDER, QuantScheme, get_scheme, kv_dtype_bytes, kv_dtype_usable, native_scheme
 from moeplan.spec import ModelSpec
 
 GiB = 2**30
@@ -208,10 +208,17 @@ def fit(
     if not 0.1 <= mem_fraction <= 1.0:
         raise MoeplanError(f"--mem-fraction must be between 0.1 and 1.0, got {mem_fraction}")
     sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction)
-    schemes = quant_candidates(spec, quant)
-    for scheme in schemes:
-        kv_dtype_bytes(kv_dtype, scheme)
     notes: list[str] = []
+    schemes = quant_candidates(spec, quant)
+    usable = [s for s in schemes if kv_dtype_usable(kv_dtype, s)]
+    if not usable:  # the asked-for quant (or every candidate) cannot use this KV type: say why
+        kv_dtype_bytes(kv_dtype, schemes[0])
+    if len(usable) < len(schemes):
+        # Without --quant the ladder mixes engines; a KV type only one engine has rules the others out.
+        skipped = [s for s in schemes if s not in usable]
+        engine = "llama.cpp" if skipped[0].gguf else "vLLM/SGLang"
+        notes.append(f"skipped {', '.join(s.name for s in skipped)}: {engine} has no {kv_dtype} KV cache")
+    schemes = usable
     if context > context_limit(spec):
         notes.append(f"context {context:,} exceeds the model's max_position_embeddings ({context_limit(spec):,})")
     if any(g.generic for g in gpus):
@@ -321,6 +328,7 @@ def plan_offload(
     cpu_budget = int(cpu_mem_bytes * CPU_RAM_FRACTION)
     moe_ids = [i for i, layer in enumerate(spec.layers) if layer.ffn == "moe"]
     schemes = [get_scheme(q).for_model(spec) for q in ((quant,) if quant else OFFLOAD_LADDER)]
+    schemes = [s for s in schemes if kv_dtype_usable(sc.kv_dtype, s)]
     emb = spec.vocab_size * spec.hidden_size
     for scheme in schemes:
         first_extra = math.ceil(emb * scheme.bits_for(EMBEDDING) / 8) + math.ceil(

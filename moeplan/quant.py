@@ -306,6 +306,15 @@ _GGUF_ONLY_KV = ("q8_0", "q4", "q4_0")
 _GPU_ENGINE_KV = ("fp8", "fp8_e4m3", "fp8_e5m2", "int8")
 
 
+def kv_dtype_usable(kv_dtype: str, scheme: QuantScheme) -> bool:
+    """Whether an engine that runs `scheme` has this KV cache type (llama.cpp for GGUF, else vLLM/SGLang)."""
+    try:
+        kv_dtype_bytes(kv_dtype, scheme)
+    except QuantError:
+        return False
+    return True
+
+
 def kv_dtype_bytes(kv_dtype: str, scheme: QuantScheme | None = None) -> float:
     key = kv_dtype.strip().lower()
     key = {"auto": "bf16", "float16": "fp16", "bfloat16": "bf16"}.get(key, key)

@@ -111,3 +111,17 @@ def test_bad_gpus(bad):
     assert res.exit_code == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and "Traceback" not in res.output and "e.g. 2x24GB" in err[0]
+
+
+def test_kv_dtype_rules_out_the_engines_that_lack_it_without_quant():
+    # fp8 KV exists in vLLM/SGLang, not llama.cpp; q8_0 KV only in llama.cpp (see quant.kv_dtype_bytes).
+    fp8 = run("mixtral-8x7b", "2x24GB", kv_dtype="fp8")
+    assert fp8.fits and not fp8.best.quant.startswith("q")
+    assert not any(v.quant.startswith("q") for v in fp8.verdicts)
+    assert any("llama.cpp has no fp8 KV cache" in n for n in fp8.notes)
+    q8 = run("mixtral-8x7b", "2x24GB", kv_dtype="q8_0")
+    assert q8.fits and q8.best.quant.startswith("q")
+    assert any("vLLM/SGLang has no q8_0 KV cache" in n for n in q8.notes)
+    # Asking for both explicitly is still bad input.
+    bad = runner.invoke(app, ["fit", "mixtral-8x7b", "--gpus", "2x24GB", "--quant", "q4_k_m", "--kv-dtype", "fp8"])
+    assert bad.exit_code == 2 and "no fp8 KV cache" in bad.output
