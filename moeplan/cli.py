@@ -212,7 +212,7 @@ def fit_cmd(
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
               mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank_plan, gpus_label=label)
-    command = _emit(emit, spec, res) if emit else None
+    command = _emit(emit, spec, res, gpu_list, rank_plan) if emit else None
     if as_json:
         data = res.model_dump()
         if command:
@@ -233,12 +233,12 @@ def fit_cmd(
     raise typer.Exit(EXIT_OK if res.fits or (res.best is not None and res.best.offload) else EXIT_MISS)
 
 
-def _emit(engine: str, spec: Any, res: Any) -> str | None:
+def _emit(engine: str, spec: Any, res: Any, gpus: Any, rank: Any) -> str | None:
     try:
         from moeplan.deploy import emit_for_fit
     except ImportError:  # pragma: no cover
         raise MoeplanError("--emit needs moeplan.deploy") from None
-    return emit_for_fit(engine, spec, res)
+    return emit_for_fit(engine, spec, res, gpus, rank)
 
 
 @app.command()

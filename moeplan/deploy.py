@@ -844,22 +844,36 @@ def engine_name(text: str) -> str:
     return names[key]
 
 
-def emit_for_fit(engine: str, model: ModelSpec, res: FitResult) -> str | None:
+def emit_for_fit(
+    engine: str, model: ModelSpec, res: FitResult, gpus: tuple[Gpu, ...] | None = None, rank: Ranker | None = None
+) -> str | None:
     """`moeplan fit --emit ENGINE`: the command for the best plan the engine can run, notes as
-    trailing shell comments; None when nothing fits."""
+    trailing shell comments; None when nothing fits. Given the GPUs, a fitting quantization whose
+    shortlisted layouts the engine cannot run (llama.cpp beside a tensor-parallel winner) is
+    re-planned over every layout."""
     eng = engine_name(engine)
     serving = Serving(context=res.context, batch=res.batch, kv_dtype=res.kv_dtype, mem_fraction=res.mem_fraction)
     candidates = [p for p in ([res.best] if res.best else []) + res.plans if p.fits or p.offload]
     if not candidates:
         return None
     plan = next((p for p in candidates if engine_runs(eng, p) and engine_accepts(eng, get_scheme(p.quant))), None)
+    loads = [v.quant for v in res.verdicts if v.fits and engine_accepts(eng, get_scheme(v.quant))]
+    if plan is None and gpus is not None:
+        sc = Scenario(context=res.context, batch=res.batch, kv_dtype=res.kv_dtype, mem_fraction=res.mem_fraction)
+        for name in loads:
+            plan = _engine_plan(eng, res, model, get_scheme(name).for_model(model), gpus, res.nodes, sc, rank)
+            if plan is not None:
+                break
     if plan is None:
         shown = ", ".join(dict.fromkeys(f"{p.quant} {p.layout}" for p in candidates[:4]))
-        loads = [v.quant for v in res.verdicts if v.fits and engine_accepts(eng, get_scheme(v.quant))]
         hint = f"rerun with --quant {loads[0]}" if loads else f"give --quant a format {eng} loads"
         raise MoeplanError(f"no plan in the shortlist runs on {eng} (fitting: {shown}); {hint}")
     run = launch(eng, model, plan, serving, nodes=res.nodes)
-    return "\n".join([run.command, *(f"# {n}" for n in run.notes)])
+    notes = list(run.notes)
+    if res.best is not None and plan is not res.best:
+        notes.insert(0, f"{eng} runs {plan.quant} {plan.layout}, not the best plan overall "
+                        f"({res.best.quant} {res.best.layout})")
+    return "\n".join([run.command, *(f"# {n}" for n in notes)])
 
 
 # ---------------------------------------------------------------------------------------------

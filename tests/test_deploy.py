@@ -476,8 +476,14 @@ def test_emit_for_fit_picks_a_plan_the_engine_runs() -> None:
     res = fit(spec, parse_gpus("2xRTX4090")[0], context=4096, batch=2, quant="q4_k_m", rank=fake_rank)
     command = emit_for_fit("llamacpp", spec, res)
     assert command is not None and command.startswith("llama-server ") and "\n# " in command
-    with pytest.raises(MoeplanError, match="rerun with --quant"):
-        emit_for_fit("llamacpp", spec, fit(spec, parse_gpus("2xRTX4090")[0], context=4096, quant=None))
+    gpus = parse_gpus("2xRTX4090")[0]
+    tp_winner = fit(spec, gpus, context=4096, quant=None, rank=fake_rank)
+    with pytest.raises(MoeplanError, match="rerun with --quant"):  # without the GPUs it cannot re-plan
+        emit_for_fit("llamacpp", spec, tp_winner)
+    # With them, a GGUF quant that fits is re-planned over layouts llama.cpp runs (layer split).
+    replanned = emit_for_fit("llamacpp", spec, tp_winner, gpus, fake_rank)
+    assert replanned is not None and replanned.startswith("llama-server ") and "--tensor-split" in replanned
+    assert "not the best plan overall" in replanned
     nothing = fit(resolve("deepseek-v3"), parse_gpus("1xRTX4090")[0], quant="fp8-block")
     assert emit_for_fit("vllm", resolve("deepseek-v3"), nothing) is None
 
@@ -602,3 +608,18 @@ def test_cli_check_table_names_the_missed_target() -> None:
     assert result.exit_code == 1
     assert "max_tpot_s: predicted" in result.stdout
     assert "llama-server" in result.stdout  # the passing spec's launch command
+
+
+@pytest.mark.parametrize(("engine", "program"), [("vllm", "vllm serve"), ("sglang", "python -m sglang.launch_server"),
+                                                 ("llamacpp", "llama-server")])  # fmt: skip
+def test_cli_fit_emit(engine: str, program: str) -> None:
+    from typer.testing import CliRunner
+
+    result = CliRunner().invoke(_cli_check(), ["fit", "mixtral-8x7b", "--gpus", "2xRTX4090", "--emit", engine, "--json"])
+    assert result.exit_code == 0, result.output
+    command = json.loads(result.stdout)["command"]
+    assert command.startswith(program)
+    args = shlex.split(command.splitlines()[0])[len(program.split()):]
+    flags = [t for t in args if t.startswith("-")]
+    documented = ENGINE_FLAGS["llama.cpp" if engine == "llamacpp" else engine]
+    assert set(flags) <= set(documented), set(flags) - set(documented)
