@@ -43,6 +43,9 @@ TINY_CONFIG = json.loads((Path(__file__).parent / "fixtures" / "hub" / "tiny-mix
 MIXTRAL = "mistralai/Mixtral-8x7B-v0.1"
 DEEPSEEK = "deepseek-ai/DeepSeek-V3"
 GPT_OSS = "openai/gpt-oss-20b"
+# Hub ids no bundled card matches, so moeplan reads them from the Hub without --from-hub.
+MIXTRAL_LIKE = "acme/mixtral-shaped"
+DEEPSEEK_LIKE = "acme/deepseek-v3-shaped"
 MIXTRAL_TOTAL = 46_702_792_704  # Mistral AI: 46.7B; every tensor of the real checkpoint
 DEEPSEEK_TOTAL = 671_026_419_200  # DeepSeek-V3 README_WEIGHTS.md: 671B main model
 
@@ -71,6 +74,10 @@ def run(hub: HubServer | None, args: list[str], env: dict[str, str]) -> Run:
 
 def params(model: str, *extra: str) -> list[str]:
     return ["-m", "moeplan", "params", model, "--json", *extra]
+
+
+def fit_args(model: str, gpus: str) -> list[str]:
+    return ["-m", "moeplan", "fit", model, "--gpus", gpus, "--json"]
 
 
 def assert_one_line_error(result: Run, *needles: str) -> str:
@@ -116,18 +123,24 @@ Scenario = Callable[[Path], dict[str, Run]]
 def scenario_mixtral(tmp: Path) -> dict[str, Run]:
     """Sharded, every tensor; then the same cache with the Hub gone, and with HF_HUB_OFFLINE=1."""
     cfg = card_config("mixtral-8x7b")
-    with hub_server({MIXTRAL: sharded_repo(cfg, mixtral_tensors(cfg), shards=4)}) as hub:
+    repo = sharded_repo(cfg, mixtral_tensors(cfg), shards=4)
+    with hub_server({MIXTRAL: repo, MIXTRAL_LIKE: repo}) as hub:
+        fit_run = run(hub, fit_args(MIXTRAL_LIKE, "2xRTX4090"), env_for(hub.endpoint, tmp / "fit"))
         online = run(hub, params(MIXTRAL, "--from-hub"), env_for(hub.endpoint, tmp))
         offline_env = env_for(hub.endpoint, tmp, HF_HUB_OFFLINE="1")
         offline = run(hub, params(MIXTRAL, "--from-hub"), offline_env)
     down = run(None, params(MIXTRAL, "--from-hub"), env_for(closed_endpoint(), tmp))
-    return {"online": online, "offline": offline, "down": down}
+    return {"online": online, "offline": offline, "down": down, "fit": fit_run}
 
 
 def scenario_deepseek(tmp: Path) -> dict[str, Run]:
     cfg = card_config("deepseek-v3")
-    with hub_server({DEEPSEEK: sharded_repo(cfg, deepseek_v3_tensors(cfg), shards=8)}) as hub:
-        return {"params": run(hub, params(DEEPSEEK, "--from-hub"), env_for(hub.endpoint, tmp))}
+    repo = sharded_repo(cfg, deepseek_v3_tensors(cfg), shards=8)
+    with hub_server({DEEPSEEK: repo, DEEPSEEK_LIKE: repo}) as hub:
+        return {
+            "params": run(hub, params(DEEPSEEK, "--from-hub"), env_for(hub.endpoint, tmp)),
+            "fit": run(hub, fit_args(DEEPSEEK_LIKE, "8xH200"), env_for(hub.endpoint, tmp / "fit")),
+        }
 
 
 def _gated() -> FakeRepo:
@@ -313,6 +326,31 @@ def test_mixtral_sharded_stored_equals_counted(runs: dict[str, Any]) -> None:
     assert_only_headers_read(result.requests, MIXTRAL)
     paths = {r.path.rsplit("/", 1)[1] for r in result.requests}
     assert "model.safetensors.index.json" in paths and len([p for p in paths if p.startswith("model-")]) == 4
+
+
+@pytest.mark.parametrize(("name", "repo_id", "card", "gpus"), [
+    ("mixtral", MIXTRAL_LIKE, "mixtral-8x7b", "2xRTX4090"),
+    ("deepseek", DEEPSEEK_LIKE, "deepseek-v3", "8xH200"),
+])  # fmt: skip
+def test_fit_a_hub_repo_plans_like_its_card(runs: dict[str, Any], name: str, repo_id: str, card: str,
+                                            gpus: str) -> None:  # fmt: skip
+    from moeplan.hardware import parse_gpus
+    from moeplan.perf import rank_plan
+    from moeplan.plan import fit
+    from moeplan.sources import resolve
+
+    result = scenario(runs, name)["fit"]
+    data = assert_ok(result)
+    assert data["fits"] is True
+    assert_only_headers_read(result.requests, repo_id)
+    assert any(r.path.endswith("/config.json") for r in result.requests)
+    # The same config as the bundled card, so the same verdicts to the byte and the same best plan.
+    want = fit(resolve(card), parse_gpus(gpus)[0], rank=rank_plan, gpus_label=gpus).model_dump(mode="json")
+    assert data["verdicts"] == want["verdicts"]
+    assert (data["best"]["quant"], data["best"]["layout"]) == (want["best"]["quant"], want["best"]["layout"])
+    assert data["best"]["per_gpu"] == want["best"]["per_gpu"]
+    if name == "deepseek":  # shipped as fp8 blocks: the checkpoint's own format is tried first
+        assert data["verdicts"][0]["quant"] == want["verdicts"][0]["quant"] != "bf16"
 
 
 def test_warm_cache_works_offline_and_with_the_hub_down(runs: dict[str, Any]) -> None:
