@@ -28,6 +28,7 @@ def _kinds(name: str) -> tuple[type[BaseException], ...]:
 
 _NO_ARGS, _USAGE, _EXIT, _ABORT = (_kinds(n) for n in ("NoArgsIsHelpError", "UsageError", "Exit", "Abort"))
 from rich.console import Console
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from moeplan.errors import MoeplanError
@@ -164,7 +165,7 @@ def memory(
         return
     out.print(memory_table(rep))
     for note in rep.notes:
-        out.print(f"[dim]- {note}[/dim]")
+        out.print(f"[dim]- {escape(note)}[/dim]")
 
 
 GpusOpt = typer.Option(..., "--gpus", "-g", help="e.g. 2x24GB, 8xH100, 2xRTX4090, 1xA100-80GB,1xRTX4090")
@@ -205,7 +206,7 @@ def fit_cmd(
     from moeplan.hardware import parse_gpus
     from moeplan.perf import rank_plan
     from moeplan.plan import fit
-    from moeplan.report import fit_verdict, memory_bars, plans_table, verdict_table
+    from moeplan.report import fit_verdict, memory_bars, plans_table, speed_basis, verdict_table
 
     spec = resolve_model(model, from_hub)
     gpu_list, n_nodes = parse_gpus(gpus, nodes)
@@ -213,6 +214,7 @@ def fit_cmd(
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
               mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank_plan, gpus_label=label)
     command = _emit(emit, spec, res, gpu_list, rank_plan) if emit else None
+    res = res.model_copy(update={"notes": [*res.notes, *speed_basis(gpu_list, res.best)]})
     if as_json:
         data = res.model_dump()
         if command:
@@ -226,7 +228,7 @@ def fit_cmd(
         if res.best is not None:
             out.print(memory_bars(res.best))
         for note in res.notes:
-            out.print(f"[dim]- {note}[/dim]")
+            out.print(f"[dim]- {escape(note)}[/dim]")
         if command:
             out.print(f"\n[b]launch ({emit}):[/b]")
             out.print(command, markup=False, highlight=False, soft_wrap=True)
@@ -285,7 +287,7 @@ def perf(
     if sweep:
         out.print(sweep_table(rep))
     for note in rep.notes:
-        out.print(f"[dim]- {note}[/dim]")
+        out.print(f"[dim]- {escape(note)}[/dim]")
 
 
 @app.command(name="gpus")
@@ -379,7 +381,7 @@ def bench(
 
         out.print(bench_table(result))
         for note in result.notes:
-            out.print(f"[dim]- {note}[/dim]")
+            out.print(f"[dim]- {escape(note)}[/dim]")
     raise typer.Exit(EXIT_OK if result.fits else EXIT_MISS)
 
 
@@ -442,7 +444,7 @@ def _check_table(results: list[Any]) -> None:
             out.print(f"  launch ({r.engine}):", markup=False)
             out.print(f"  {r.command}", markup=False, highlight=False, soft_wrap=True)
             for note in r.command_notes:
-                out.print(f"  [dim]- {note}[/dim]", soft_wrap=True)
+                out.print(f"  [dim]- {escape(note)}[/dim]", soft_wrap=True)
 
 
 @app.command()

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from rich.table import Table
 from rich.text import Text
 
+from moeplan.hardware import Gpu
 from moeplan.memory import MemoryReport
 from moeplan.params import ParamCount
 from moeplan.perf import PerfResult
@@ -139,6 +140,28 @@ def _speed_cells(plan: Plan) -> tuple[str, str, str]:
         return "", "", ""
     s = plan.speed
     return f"{s.decode_tok_per_s:,.1f}", f"{s.decode_tok_per_s_total:,.0f}", f"{s.ttft_s * 1000:,.0f}"
+
+
+def speed_basis(gpus: tuple[Gpu, ...], plan: Plan | None) -> list[str]:
+    """Which efficiencies the speed columns assume, per GPU type: a calibration saved by `moeplan
+    bench --save-calibration` for this GPU and compute dtype, else the defaults (and how to measure)."""
+    if plan is None or plan.speed is None:
+        return []
+    from moeplan.calibration import calibration_path
+    from moeplan.perf import efficiency_for
+    from moeplan.quant import get_scheme
+
+    dtype = get_scheme(plan.quant).compute
+    notes = []
+    for name, gpu in {g.name: g for g in gpus}.items():
+        eff = efficiency_for(gpu, dtype)
+        basis = f"memory {eff.memory:.2f}, compute {eff.compute:.2f}"
+        if eff.source.startswith("calibration"):
+            notes.append(f"speed on {name} ({dtype}) uses your {eff.source}: {basis} ({calibration_path()})")
+        else:
+            notes.append(f"speed on {name} ({dtype}) uses default efficiencies ({basis}); "
+                         "`moeplan bench --save-calibration` on this GPU measures yours")
+    return notes
 
 
 def fit_verdict(res: FitResult) -> Text:

@@ -125,3 +125,20 @@ def test_kv_dtype_rules_out_the_engines_that_lack_it_without_quant():
     # Asking for both explicitly is still bad input.
     bad = runner.invoke(app, ["fit", "mixtral-8x7b", "--gpus", "2x24GB", "--quant", "q4_k_m", "--kv-dtype", "fp8"])
     assert bad.exit_code == 2 and "no fp8 KV cache" in bad.output
+
+
+def test_fit_and_perf_say_when_a_saved_calibration_is_used(monkeypatch, tmp_path):
+    from moeplan.calibration import save_calibration
+
+    monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path))
+    args = ["mixtral-8x7b", "--gpus", "2xH100", "--quant", "bf16", "--json"]
+    before = json.loads(runner.invoke(app, ["fit", *args]).stdout)
+    assert any("default efficiencies" in n for n in before["notes"])
+    save_calibration("H100", "bf16", 0.40, 0.30, "moeplan bench mixtral-8x7b on H100 (test)")
+    after = json.loads(runner.invoke(app, ["fit", *args]).stdout)
+    note = next(n for n in after["notes"] if n.startswith("speed on H100"))
+    assert "your calibration" in note and "memory 0.40, compute 0.30" in note and str(tmp_path) in note
+    # Half the bandwidth efficiency (0.80 -> 0.40): a memory-bound decode step takes longer.
+    assert after["best"]["speed"]["tpot_s"] > before["best"]["speed"]["tpot_s"] * 1.5
+    perf = json.loads(runner.invoke(app, ["perf", *args]).stdout)
+    assert any("calibration from moeplan bench" in n for n in perf["notes"])
