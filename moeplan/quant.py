@@ -100,8 +100,8 @@ def use_more_bits_fraction(n_layers: int) -> float:
 
 
 # When a row is not a multiple of 256, llama.cpp falls back from k-quants (llama-quant.cpp):
-# Q2_K/Q3_K -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0. gpt-oss (hidden 2880) hits this.
-_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+# Q2_K/Q3_K/IQ4_XS -> IQ4_NL, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0. gpt-oss (hidden 2880) hits this.
+_FALLBACK = {"q2_k": "iq4_nl", "q3_k": "iq4_nl", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 
 
 def _gguf_bits(spec: ModelSpec, mix: dict[str, object]) -> dict[str, float]:
@@ -117,6 +117,10 @@ def _gguf_bits(spec: ModelSpec, mix: dict[str, object]) -> dict[str, float]:
         if text.startswith("first16:"):
             _, hi, lo = text.split(":")
             f = (n // 16) / n if n else 0.0
+            return f * bpw(hi) + (1 - f) * bpw(lo)
+        if text.startswith("first8:"):  # i_layer < n_layer/8 (IQ4_XS ffn_down without imatrix)
+            _, hi, lo = text.split(":")
+            f = (n // 8) / n if n else 0.0
             return f * bpw(hi) + (1 - f) * bpw(lo)
         if text.startswith("gqa4:"):
             _, hi, lo = text.split(":")
@@ -208,7 +212,10 @@ def builtin_schemes() -> dict[str, QuantScheme]:
               down="first16:q5_k:q4_k", embd="q3_k", out="q6_k", exp8_o="q5_k"),
         _gguf("q2_k", "GGUF Q2_K mixture", q="q2_k", k="q2_k", v="gqa4:q4_k:q3_k", o="q3_k", gate_up="q2_k",
               down="q3_k", embd="q2_k", out="q6_k", exp8_o="q5_k"),
-        _gguf_flat("iq4_xs", "iq4_xs", "GGUF IQ4_XS (4.25 bpw)", output="q6_k"),
+        # IQ4_XS: attn_v Q5_K when n_gqa >= 4, ffn_down Q5_K in the first n/8 layers (static quants,
+        # no imatrix), embeddings stay IQ4_XS, output Q6_K (llama-quant.cpp; gguf_types.md 3.5).
+        _gguf("iq4_xs", "GGUF IQ4_XS mixture (static)", q="iq4_xs", k="iq4_xs", v="gqa4:q5_k:iq4_xs", o="iq4_xs",
+              gate_up="iq4_xs", down="first8:q5_k:iq4_xs", embd="iq4_xs", out="q6_k", exp8_o="q5_k"),
         _gguf_flat("iq3_xxs", "iq3_xxs", "GGUF IQ3_XXS (3.06 bpw)", output="q6_k"),
         _gguf_flat("iq2_xxs", "iq2_xxs", "GGUF IQ2_XXS (2.06 bpw)", output="q6_k"),
         _gguf_flat("iq1_s", "iq1_s", "GGUF IQ1_S (1.56 bpw)", output="q6_k"),

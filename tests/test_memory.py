@@ -269,13 +269,6 @@ def test_kv_dtype_must_suit_the_engine() -> None:
 #   Hugging Face repos were made with different llama.cpp builds (noted per source below).
 # ------------------------------------------------------------------------------------------------
 
-_IQ4_XS_FLAT_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="BUG quant.py: iq4_xs is a flat 4.25 bpw type, but llama.cpp llama_tensor_get_type upgrades attn_v to "
-    "Q5_K when n_gqa >= 4, ffn_down to Q5_K in the first n/8 layers without imatrix, and Mixtral's n_expert == 8 "
-    "rules (attn_k/attn_v Q8_0, attn_output Q5_K); the flat estimate is ~2.1% under on three models",
-)
 TENSORBLOCK = "huggingface.co/tensorblock/Mixtral-8x7B-v0.1-GGUF README (llama.cpp b4242)"
 BARTOWSKI_8X22B = "huggingface.co/bartowski/Mixtral-8x22B-v0.1-GGUF (llama.cpp b2636)"
 BARTOWSKI_QWEN3 = "huggingface.co/bartowski/Qwen_Qwen3-30B-A3B-GGUF (llama.cpp b5200)"
@@ -306,10 +299,9 @@ PUBLISHED_SIZES = [
     pytest.param("qwen3-30b-a3b", "q4_k_m", 18.7, 0.02, id=f"qwen3-30b-a3b-q4_k_m: {MRADERMACHER_QWEN3}"),
     pytest.param("qwen3-30b-a3b", "q3_k_m", 14.8, 0.02, id=f"qwen3-30b-a3b-q3_k_m: {MRADERMACHER_QWEN3}"),
     pytest.param("qwen3-30b-a3b", "q2_k", 11.4, 0.02, id=f"qwen3-30b-a3b-q2_k: {MRADERMACHER_QWEN3}"),
-    pytest.param("qwen3-30b-a3b", "iq4_xs", 16.7, 0.02, id=f"qwen3-30b-a3b-iq4_xs: {MRADERMACHER_QWEN3}",
-                 marks=_IQ4_XS_FLAT_BUG),
+    pytest.param("qwen3-30b-a3b", "iq4_xs", 16.7, 0.02, id=f"qwen3-30b-a3b-iq4_xs: {MRADERMACHER_QWEN3}"),
     pytest.param("mixtral-8x7b", "iq4_xs", 25.4, 0.02,
-                 id="mixtral-8x7b-iq4_xs: mradermacher/Mixtral-8x7B-v0.1-GGUF (static quants)", marks=_IQ4_XS_FLAT_BUG),
+                 id="mixtral-8x7b-iq4_xs: mradermacher/Mixtral-8x7B-v0.1-GGUF (static quants)"),
     # gpt-oss ships MXFP4 experts; attention, embeddings and router in bf16.
     pytest.param("gpt-oss-20b", None, 13.76, 0.01,
                  id="gpt-oss-20b-native: openai/gpt-oss-20b tree 4.79+4.8+4.17 GB"),
