@@ -21,7 +21,7 @@ import math
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.errors import MoeplanError
-from moeplan.params import count_params
+from moeplan.params import EMBEDDING, LM_HEAD, count_params
 from moeplan.quant import QuantScheme, kv_dtype_bytes
 from moeplan.spec import LayerSpec, ModelSpec
 
@@ -197,7 +197,13 @@ def memory_report(
     if spec.mtp_layers and not mtp:
         notes.append(f"{spec.mtp_layers} MTP layer(s) not loaded; --mtp counts them for speculative decoding")
     if mtp and spec.mtp_layers:
-        mtp_w = math.ceil(count_params(spec).mtp_params_stored * scheme.bits / 8)
+        # The MTP layer's own weights at the scheme's bits, plus its embedding and head copies at the
+        # embedding/lm_head bits (bf16 in DeepSeek's fp8 checkpoint): vLLM's DeepSeekMTP loads those
+        # copies (deepseek_mtp.py); SGLang's NextN shares the main model's, so this is the upper figure.
+        count = count_params(spec)
+        copy = (count.mtp_params_stored - count.mtp_params) // 2
+        mtp_w = (math.ceil(count.mtp_params * scheme.bits / 8) + math.ceil(copy * scheme.bits_for(EMBEDDING) / 8)
+                 + math.ceil(copy * scheme.bits_for(LM_HEAD) / 8))
         weights = Weights(quant=weights.quant, by_component={**weights.by_component, "mtp": mtp_w},
                           total=weights.total + mtp_w)
     return MemoryReport(

@@ -180,6 +180,11 @@ def test_mtp_memory_report_loads_mtp_weights_and_kv() -> None:
     assert on.kv_bytes_per_token == 70_272 + 1_152
     assert on.kv_cache_bytes == off.kv_cache_bytes + 4096 * 1_152
     assert on.mtp_kv_included and not off.mtp_kv_included
+    # The MTP layer's embedding and head copies stay bf16 in DeepSeek's fp8 checkpoint (vLLM loads
+    # them): 2 x vocab 129,280 x hidden 7,168 x 2 bytes = 3.707 GB beyond the fp8 layer itself.
+    unique = count_params(spec).mtp_params
+    copies = 2 * 129_280 * 7_168 * 2
+    assert on.weights["mtp"] - copies == pytest.approx(unique * (8 + 32 / 128**2) / 8, rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------
