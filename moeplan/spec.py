@@ -236,6 +236,16 @@ def _positive_int(value: Any, key: str, label: str) -> int:
     return int(value)
 
 
+def _whole(value: Any, key: str, label: str, minimum: int) -> int:
+    """A count read from a config (experts, top-k, first dense layers): a whole number >= minimum;
+    a missing/null value is the caller's default."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        raise ConfigError(f"{label}: '{key}' must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{label}: '{key}' must be at least {minimum}, got {value!r}; fix the config")
+    return int(value)
+
+
 def spec_from_config(
     raw: dict[str, Any],
     *,
@@ -354,10 +364,10 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
         raise ConfigError(f"{label}: 'quantization_config' must be an object, got {qc!r}")
 
     is_jamba = model_type == "jamba"
-    n_experts = int(_scalar(cfg.get(*_EXPERT_KEYS, default=0)) or 0)
+    n_experts = _whole(_scalar(cfg.get(*_EXPERT_KEYS, default=0)) or 0, "num_experts", label, 0)
     if is_jamba and n_experts == 0:
         n_experts = 16  # transformers JambaConfig default
-    topk = int(_scalar(cfg.need(*_TOPK_KEYS)))
+    topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), "num_experts_per_tok", label, 1)
     attn_bias = bool(cfg.get("attention_bias", default=False))
 
     # Expert FFN width. NOTE: Mixtral-style configs reuse intermediate_size for the experts.
@@ -377,8 +387,9 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
     )
 
     # Per-layer FFN kinds: first-k-dense (DeepSeek, GLM), a MoE step (Qwen, Llama 4), mlp_only_layers.
-    first_dense = int(cfg.get("first_k_dense_replace", default=0) or 0)
-    step = int(cfg.get("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", default=1) or 1)
+    first_dense = _whole(cfg.get("first_k_dense_replace", default=0) or 0, "first_k_dense_replace", label, 0)
+    step = _whole(cfg.get("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", default=1) or 1,
+                  "decoder_sparse_step", label, 1)
     mlp_only = set(cfg.get("mlp_only_layers", default=[]) or [])
     moe_layers_list = cfg.get("moe_layers")
 
