@@ -14,8 +14,11 @@ x context per token and layer (QK^T and AV); MLA in its absorbed form scores aga
 
 Communication (ring collectives, NCCL's algorithms): all-reduce of n bytes over g ranks moves
 2(g-1)/g x n per rank; TP does two per layer. EP all-to-all dispatch and combine move
-tokens x k x hidden x 2 bytes x (ep-1)/ep per rank, each way. Pipeline sends tokens x hidden x 2
-bytes between stages. Links from the catalog: NVLink or PCIe inside a node, 50 GB/s between nodes.
+tokens x k x hidden x bytes x (ep-1)/ep per rank, each way: bf16 both ways, or fp8 dispatch (with
+one fp32 scale per 128 values) and bf16 combine when the experts compute in fp8. When EP spans
+nodes, the share bound for peers on the same node goes over NVLink while the rest goes over the
+NIC at the same time. Pipeline sends tokens x hidden x 2 bytes between stages. Links from the
+catalog: NVLink or PCIe inside a node, 50 GB/s between nodes.
 """
 
 from __future__ import annotations
@@ -38,8 +41,8 @@ from moeplan.spec import LayerSpec, ModelSpec
 
 # A floor per decoder layer per step: even under CUDA graphs a MoE layer runs 10-20 kernels
 # (norms, projections, rotary, attention, router, top-k, grouped GEMMs, combine) of a few
-# microseconds each; 30 us per layer is the launch/sync floor we charge (an estimate, checked
-# against SGLang's DeepSeek-V3 batch-1 figures in docs/validation.md).
+# microseconds each; 30 us per layer is the launch/sync floor we charge (an estimate, not fitted;
+# docs/validation.md compares the resulting TPOT with SGLang's published DeepSeek-R1 figures on 8xH200).
 LAYER_FLOOR_S = 30e-6
 
 
@@ -117,6 +120,25 @@ def _alltoall(nbytes: float, ranks: int, bw: float, lat: float) -> float:
     return (ranks - 1) / ranks * nbytes / (bw * 1e9) + lat
 
 
+def _ep_alltoall(nbytes: float, ranks: int, gpus: tuple[Gpu, ...], nodes: int) -> float:
+    """All-to-all of `nbytes` per rank over `ranks` EP ranks, which may span nodes.
+
+    Each rank sends nbytes/ranks to every peer. Peers on its own node are reached over NVLink (or
+    PCIe), peers elsewhere through its NIC, both at once (NCCL's all-to-all is point-to-point sends
+    per peer over the P2P and network transports; DeepEP's normal kernels likewise move the NVLink
+    and RDMA shares concurrently), so the slower of the two shares sets the time."""
+    if ranks <= 1:
+        return 0.0
+    per_node = len(gpus) // max(nodes, 1)
+    gpu = gpus[0]
+    intra_bw, intra_lat = max(gpu.link_gb_per_s, 1.0), gpu.link_latency_us * 1e-6
+    if ranks <= per_node:
+        return _alltoall(nbytes, ranks, intra_bw, intra_lat)
+    intra = (per_node - 1) / ranks * nbytes / (intra_bw * 1e9)
+    inter = (ranks - per_node) / ranks * nbytes / (INTER_NODE_GB_PER_S * 1e9)
+    return max(intra, inter) + INTER_NODE_LATENCY_US * 1e-6
+
+
 def step_cost(
     spec: ModelSpec,
     scheme: QuantScheme,
@@ -163,6 +185,10 @@ def step_cost(
         local_touched = distinct_experts(spec.num_experts, spec.experts_per_token, tokens) / tp
     touched = distinct_experts(spec.num_experts, spec.experts_per_token, tokens)
     one_expert = expert_params(spec)
+    # Tokens bound for fp8 experts are quantized before dispatch, not after: DeepEP's V3 setting is
+    # fp8 dispatch with a per-128 fp32 scale and bf16 combine (deepseek-ai/DeepEP README), as SGLang
+    # and DeepSeek's own serving run it. Otherwise activations travel in bf16 both ways.
+    dispatch_bytes = 1 + 4 / 128 if scheme.compute == "fp8" else 2.0
 
     total = compute_t = memory_t = comm_t = bytes_all = flops_all = 0.0
     for stage, (start, end) in enumerate(stage_bounds(layout.stage_layers)):
@@ -200,8 +226,9 @@ def step_cost(
                 t_comm += 2 * _allreduce(act, tp, link_bw, link_lat)
             if layout.ep > 1 and layer.ffn == "moe":
                 local_tokens = attn_tokens if layout.dp_attention else tokens / g
-                t_comm += 2 * _alltoall(local_tokens * spec.experts_per_token * spec.hidden_size * 2, layout.ep,
-                                        link_bw, link_lat)
+                values = local_tokens * spec.experts_per_token * spec.hidden_size
+                t_comm += _ep_alltoall(values * dispatch_bytes, layout.ep, gpus, nodes)  # dispatch
+                t_comm += _ep_alltoall(values * 2, layout.ep, gpus, nodes)  # combine, bf16
             per = max(t_c, t_m) + t_comm + LAYER_FLOOR_S
             if off and layer.ffn == "moe":
                 per += off / times * _offload_time(spec, scheme, touched, gpu, tokens)
