@@ -114,6 +114,12 @@ CATALOG: tuple[Gpu, ...] = (
     Gpu(name="M2-Ultra-192GB", aliases=("M2-ULTRA", "M2ULTRA"), memory_bytes=192 * GiB, usable_bytes=144 * GiB,
         hbm_gb_per_s=800, bf16_tflops=27, link="none", link_gb_per_s=0, pcie_gb_per_s=800, vendor="apple",
         unified_memory=True, source="Apple M2 Ultra spec; [llmfit] hardware.rs"),
+    # M2 Max: 400 GB/s, up to 96 GB unified memory, up to 38 GPU cores (Apple Newsroom, "Apple unveils M2 Pro
+    # and M2 Max", 2023-01-17). Apple gives no GPU TFLOPS; the M2 Ultra is two M2 Max dies joined by
+    # UltraFusion (Apple Newsroom, "Apple introduces M2 Ultra", 2023-06-05), so compute is half the entry above.
+    Gpu(name="M2-Max-96GB", aliases=("M2-MAX", "M2MAX"), memory_bytes=96 * GiB, usable_bytes=72 * GiB,
+        hbm_gb_per_s=400, bf16_tflops=13.5, link="none", link_gb_per_s=0, pcie_gb_per_s=400, vendor="apple",
+        unified_memory=True, source="Apple M2 Max spec (38-core GPU, 400 GB/s); compute half of M2 Ultra's"),
     Gpu(name="M3-Max-128GB", aliases=("M3-MAX", "M3MAX"), memory_bytes=128 * GiB, usable_bytes=96 * GiB,
         hbm_gb_per_s=400, bf16_tflops=14, link="none", link_gb_per_s=0, pcie_gb_per_s=400, vendor="apple",
         unified_memory=True, source="Apple M3 Max spec (40-core GPU); [llmfit]"),
