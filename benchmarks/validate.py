@@ -1,0 +1,386 @@
+"""moeplan's predictions against published measurements of MoE inference (docs/validation.md).
+
+Every case in tests/fixtures/published_throughput.yaml is predicted here with moeplan's Python API
+and printed as a markdown table: published, predicted, ratio = predicted / published, the ratio
+band docs/validation.md claims for it, and the command that reproduces the prediction. Rates and
+times alike: for a rate a ratio above 1 means moeplan is optimistic, for a time (TPOT, TTFT, ITL)
+that it is pessimistic.
+
+Predictions only: nothing is measured. Calibrations saved by `moeplan bench` are ignored (the
+script points MOEPLAN_CACHE at an empty folder), so the defaults of moeplan.perf.Efficiency apply.
+
+Run: python benchmarks/validate.py             (the tables in docs/validation.md)
+     python benchmarks/validate.py --case ID   (how one row is computed, step by step)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from moeplan.hardware import Gpu, parse_gpus
+from moeplan.layout import Layout, Scenario, even_stages
+from moeplan.perf import StepCost, perf_report, rank_plan, step_cost
+from moeplan.plan import Plan, evaluate, fit
+from moeplan.quant import QuantScheme, get_scheme
+from moeplan.sources import resolve
+from moeplan.spec import ModelSpec
+
+FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "published_throughput.yaml"
+GOAL = (0.5, 2.0)  # the issue's goal for modern engines: predicted within 0.5x-2x of published
+
+
+@dataclass(frozen=True)
+class Case:
+    """How moeplan is asked about one published figure.
+
+    layout: None = whatever `moeplan perf`/`fit` picks (the row is then exactly that command);
+    else (tp, ep, dp_attention) as the source states it, evaluated through the API."""
+
+    id: str
+    model: str
+    gpus: str
+    quant: str
+    metric: str  # one of METRICS
+    batch: int = 1
+    context: int = 1024
+    prompt: int = 1024
+    output: int = 0  # generated tokens per request, for end-to-end rates
+    nodes: int = 1
+    layout: tuple[int, int, bool] | None = None
+    cpu_mem: str | None = None  # for `fit --cpu-mem` (expert offload)
+    band: tuple[float, float] = GOAL  # the ratio docs/validation.md claims; outliers carry their own
+    current: bool = True  # an engine release of 2025 or later: held to the 0.5x-2x goal
+    note: str = ""  # the doc's outlier note ("O1"), or "" for rows within 0.5x-2x
+
+
+# Loads are inputs, not predictions. Where a source gives throughput and latency of one deployment,
+# the concurrency follows from Little's law (sequences in flight = tok/s x seconds per token).
+DS6_DECODE_BATCH = round(18 * 14800 / 21)  # 18 nodes x 14.8k tok/s per node / 21 tok/s per user
+LMSYS_DECODE_BATCH = round(9 * 22282 * 0.100)  # 9 nodes x 22,282 tok/s per node x ~100 ms ITL
+
+CASES: tuple[Case, ...] = (
+    # DeepSeek's own serving: one prefill sequence of the average KV length per DP rank.
+    Case("ds6-prefill-node", "deepseek-v3", "8xH800", "fp8", "prefill_node_incl_cache", batch=32, context=4989,
+         prompt=4989, nodes=4, layout=(1, 32, True)),
+    Case("ds6-decode-node", "deepseek-v3", "8xH800", "fp8", "decode_node", batch=DS6_DECODE_BATCH, context=4989,
+         prompt=4989, nodes=18, layout=(1, 144, True)),
+    Case("ds6-decode-user", "deepseek-v3", "8xH800", "fp8", "decode_user", batch=DS6_DECODE_BATCH, context=4989,
+         prompt=4989, nodes=18, layout=(1, 144, True)),
+    *(Case(f"lmsys-prefill-{s // 1024}k", "deepseek-v3", "8xH100", "fp8", "prefill_node", batch=32, context=s,
+           prompt=s, nodes=4, layout=(1, 32, True)) for s in (1024, 2048, 4096)),
+    Case("lmsys-decode-node", "deepseek-v3", "8xH100", "fp8", "decode_node", batch=LMSYS_DECODE_BATCH, context=2048,
+         prompt=2048, nodes=9, layout=(1, 72, True)),
+    Case("lmsys-decode-itl", "deepseek-v3", "8xH100", "fp8", "tpot_ms", batch=LMSYS_DECODE_BATCH, context=2048,
+         prompt=2048, nodes=9, layout=(1, 72, True)),
+    # SGLang 0.4.1 (December 2024): a static batch, every prompt prefilled together, then 256 steps.
+    Case("sglang041-b1", "deepseek-v3", "8xH200", "fp8", "static_batch_out", batch=1, context=384, prompt=128,
+         output=256, layout=(8, 1, False), band=(2.4, 3.2), current=False, note="O1"),
+    Case("sglang041-b8", "deepseek-v3", "8xH200", "fp8", "static_batch_out", batch=8, context=384, prompt=128,
+         output=256, layout=(8, 1, False), band=(2.1, 2.8), current=False, note="O1"),
+    Case("sglang041-b32", "deepseek-v3", "8xH200", "fp8", "static_batch_out", batch=32, context=384, prompt=128,
+         output=256, layout=(8, 1, False), current=False),
+    # InferenceX: a fixed number of requests in flight, each 1k in / 1k out; TPOT at the mean context.
+    *(Case(f"inferencex-c{c}-tpot", "deepseek-v3", "8xH200", "fp8", "tpot_ms", batch=c, context=1536, prompt=1024,
+           output=1024, layout=(8, 1, False)) for c in (8, 16, 32, 64)),
+    *(Case(f"inferencex-c{c}-gpu", "deepseek-v3", "8xH200", "fp8", "concurrency_out_per_gpu", batch=c,
+           context=1536, prompt=1024, output=1024, layout=(8, 1, False)) for c in (8, 16, 32, 64)),
+    # llama.cpp, December 2023, three days after Mixtral support landed.
+    Case("llamacpp-a100-q5km", "mixtral-8x7b", "1xA100", "q5_k_m", "decode_tok_s", context=256, prompt=9,
+         band=(2.7, 3.6), current=False, note="O2"),
+    Case("llamacpp-h100-q5km", "mixtral-8x7b", "1xH100", "q5_k_m", "decode_tok_s", context=256, prompt=9,
+         band=(3.2, 4.3), current=False, note="O2"),
+    *(Case(f"m2max-{q}", "mixtral-8x7b", "1xM2-Max", q, "decode_tok_s", context=128, prompt=128, current=False)
+      for q in ("q4_0", "q4_k_m", "q8_0")),
+    # Quantization not stated: 20 layers filling a 24 GB card is ~1 GB a layer, Q5_K_M's size (Q4_0
+    # layers are ~0.8 GB and would let ~26 fit). fit picks 12 CPU-MoE layers, as many as the 12
+    # decoder layers the user left on the CPU.
+    Case("rtx4090-offload", "mixtral-8x7b", "1xRTX4090", "q5_k_m", "offload_decode_tok_s", context=8192,
+         prompt=512, cpu_mem="64GB", current=False),
+    # TensorRT-LLM int8 weight-only (baseten-truss): int8 expert weights, bf16 GEMMs.
+    Case("trtllm-a100-ttft", "mixtral-8x7b", "1xA100", "experts=int8,rest=bf16", "ttft_ms", context=640, prompt=512,
+         current=False),
+    Case("trtllm-a100-tps", "mixtral-8x7b", "1xA100", "experts=int8,rest=bf16", "request_out", context=640,
+         prompt=512, output=128, current=False),
+)
+
+
+@dataclass
+class Prediction:
+    case: Case
+    published: dict[str, Any]
+    value: float
+    ratio: float
+    layout: str
+    fits: bool
+    steps: dict[str, StepCost] = field(default_factory=dict)
+    cli_layout: str | None = None  # what the CLI picks for the same scenario, when not `layout`
+    cli_value: float | None = None
+
+
+@contextmanager
+def defaults_only() -> Iterator[None]:
+    """No saved `moeplan bench` calibration: the published defaults of moeplan.perf.Efficiency."""
+    old = os.environ.get("MOEPLAN_CACHE")
+    with tempfile.TemporaryDirectory() as empty:
+        os.environ["MOEPLAN_CACHE"] = empty
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("MOEPLAN_CACHE", None)
+            else:
+                os.environ["MOEPLAN_CACHE"] = old
+
+
+@cache
+def published() -> dict[str, Any]:
+    data = yaml.safe_load(FIXTURE.read_text(encoding="utf-8"))
+    return {"sources": data["sources"], "cases": {c["id"]: c for c in data["cases"]}}
+
+
+@cache
+def _spec(model: str) -> ModelSpec:
+    return resolve(model)
+
+
+def _setup(case: Case) -> tuple[ModelSpec, QuantScheme, tuple[Gpu, ...], int]:
+    spec = _spec(case.model)
+    gpus, nodes = parse_gpus(case.gpus, case.nodes)
+    return spec, get_scheme(case.quant).for_model(spec), gpus, nodes
+
+
+def cli_command(case: Case) -> str:
+    """The `moeplan` command for the case's scenario (exact for rows without a forced layout)."""
+    nodes = f" --nodes {case.nodes}" if case.nodes > 1 else ""
+    quant = f"'{case.quant}'" if "," in case.quant else case.quant
+    if case.cpu_mem:
+        return (f"moeplan fit {case.model} --gpus {case.gpus}{nodes} --quant {quant} --context {case.context} "
+                f"--cpu-mem {case.cpu_mem} --json")
+    return (f"moeplan perf {case.model} --gpus {case.gpus}{nodes} --quant {quant} --batch {case.batch} "
+            f"--context {case.context} --prompt {case.prompt} --json")
+
+
+def _cli_path(case: Case) -> tuple[Plan, dict[str, float]]:
+    """What `moeplan perf` (or `fit --cpu-mem`) does: the best plan of fit, then its speed."""
+    return _cli_scenario(case.model, case.gpus, case.nodes, case.quant, case.batch, case.context, case.prompt,
+                         case.cpu_mem)
+
+
+@cache  # rows that read two fields of one command share its run
+def _cli_scenario(model: str, gpus_text: str, n: int, quant: str, batch: int, context: int, prompt: int,
+                  cpu_mem: str | None) -> tuple[Plan, dict[str, float]]:
+    case = Case("", model, gpus_text, quant, "", batch=batch, context=context, prompt=prompt, nodes=n,
+                cpu_mem=cpu_mem)
+    spec, scheme, gpus, nodes = _setup(case)
+    cpu = int(float(case.cpu_mem.rstrip("GB")) * 1e9) if case.cpu_mem else None
+    res = fit(spec, gpus, nodes=nodes, context=case.context, batch=case.batch, quant=case.quant,
+              cpu_mem_bytes=cpu, rank=rank_plan)
+    if res.best is None:
+        raise SystemExit(f"moeplan finds no plan for {cli_command(case)}")
+    if case.cpu_mem:
+        assert res.best.speed is not None
+        return res.best, res.best.speed.model_dump()
+    sc = Scenario(context=case.context, batch=case.batch)
+    scheme = get_scheme(res.best.quant).for_model(spec)
+    rep = perf_report(spec, scheme, res.best, gpus, sc, prompt=case.prompt, nodes=nodes, sweep=False)
+    return res.best, rep.model_dump()
+
+
+def _layout(case: Case, spec: ModelSpec) -> Layout:
+    assert case.layout is not None
+    tp, ep, dp = case.layout
+    return Layout(tp=tp, ep=ep, pp=1, dp_attention=dp, stage_layers=even_stages(spec.num_layers, 1))
+
+
+def _steps(case: Case) -> tuple[Plan, dict[str, StepCost]]:
+    """The forced layout's plan (for its fit verdict) and the steps the metric needs."""
+    spec, scheme, gpus, nodes = _setup(case)
+    layout = _layout(case, spec)
+    plan = evaluate(spec, scheme, layout, gpus, Scenario(context=case.context, batch=case.batch))
+
+    def step(tokens_per_seq: int, batch: int, context: int) -> StepCost:
+        return step_cost(spec, scheme, layout, gpus, tokens_per_seq=tokens_per_seq, batch=batch, context=context,
+                         nodes=nodes)
+
+    steps = {"decode": step(1, case.batch, case.context)}
+    if case.metric.startswith("prefill"):
+        steps["prefill"] = step(case.prompt, case.batch, case.prompt)  # one sequence per DP rank
+    elif case.metric == "static_batch_out":
+        steps["prefill"] = step(case.prompt, case.batch, case.prompt)  # the whole batch prefilled at once
+    elif case.metric == "concurrency_out_per_gpu":
+        steps["prefill"] = step(case.prompt, 1, case.prompt)  # requests arrive one by one
+    return plan, steps
+
+
+def _metric(case: Case, steps: dict[str, StepCost], n_gpus: int) -> float:
+    dec = steps["decode"].seconds
+    if case.metric == "decode_node":
+        return case.batch / dec / case.nodes
+    if case.metric == "decode_user":
+        return 1 / dec
+    if case.metric == "tpot_ms":
+        return dec * 1e3
+    if case.metric in ("prefill_node", "prefill_node_incl_cache"):
+        rate = case.batch * case.prompt / steps["prefill"].seconds / case.nodes
+        if case.metric == "prefill_node_incl_cache":
+            # Cache hits count as input tokens but cost no prefill compute.
+            rate /= 1 - published()["cases"][case.id]["facts"]["cache_hit_fraction"]
+        return rate
+    if case.metric == "static_batch_out":
+        return case.batch * case.output / (steps["prefill"].seconds + case.output * dec)
+    if case.metric == "concurrency_out_per_gpu":
+        # Little's law: requests in flight / seconds per request, times tokens per request.
+        return case.batch * case.output / (steps["prefill"].seconds + case.output * dec) / n_gpus
+    raise ValueError(f"{case.id}: metric {case.metric} needs the CLI path")
+
+
+def _cli_metric(case: Case, out: dict[str, float]) -> float:
+    if case.metric in ("decode_tok_s", "offload_decode_tok_s"):
+        return out["decode_tok_per_s"]
+    if case.metric == "ttft_ms":
+        return out["ttft_s"] * 1e3
+    if case.metric == "request_out":  # output tokens over the whole request, TTFT included
+        return case.output / (out["ttft_s"] + case.output * out["tpot_s"])
+    if case.metric == "tpot_ms":
+        return out["tpot_s"] * 1e3
+    if case.metric == "decode_node":
+        return out["decode_tok_per_s_total"] / case.nodes
+    if case.metric == "decode_user":
+        return out["decode_tok_per_s"]
+    raise ValueError(f"{case.id}: metric {case.metric} has no single `moeplan perf` field")
+
+
+def predict(case: Case, *, with_cli: bool = False) -> Prediction:
+    """One row. with_cli: also what the CLI's own layout choice gives (slow for 144 GPUs)."""
+    pub = published()["cases"][case.id]
+    with defaults_only():
+        if case.layout is None:
+            plan, out = _cli_path(case)
+            value, steps, cli_layout, cli_value = _cli_metric(case, out), {}, None, None
+        else:
+            plan, steps = _steps(case)
+            value = _metric(case, steps, len(parse_gpus(case.gpus, case.nodes)[0]))
+            cli_layout = cli_value = None
+            if with_cli:
+                cli_plan, out = _cli_path(case)
+                cli_layout = cli_plan.layout
+                try:
+                    cli_value = _cli_metric(case, out)
+                except ValueError:  # a throughput of many prefills: no single CLI field holds it
+                    cli_value = None
+    return Prediction(case=case, published=pub, value=value, ratio=value / pub["value"], layout=plan.layout,
+                      fits=plan.fits, steps=steps, cli_layout=cli_layout, cli_value=cli_value)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 1000 else f"{x:,.1f}" if x >= 10 else f"{x:.2f}"
+
+
+def _as_published(x: float) -> str:
+    return f"{x:,g}" if x < 1000 else f"{x:,.0f}"
+
+
+def _published_text(pub: dict[str, Any]) -> str:
+    if "range" in pub:
+        lo, hi = pub["range"]
+        return f"{_as_published(lo)}-{_as_published(hi)} {pub['unit']}"
+    return f"{_as_published(pub['value'])} {pub['unit']}"
+
+
+# Which field of the command's JSON a metric reads (n = nodes, B = batch, out = output tokens).
+_FIELD = {
+    "decode_tok_s": "decode_tok_per_s", "offload_decode_tok_s": "best.speed.decode_tok_per_s",
+    "ttft_ms": "ttft_s x 1000", "tpot_ms": "tpot_s x 1000", "decode_user": "decode_tok_per_s",
+    "decode_node": "decode_tok_per_s_total / n", "request_out": "out / (ttft_s + out x tpot_s)",
+}
+
+
+def reproduce(r: Prediction) -> str:
+    """The `moeplan` command when it computes this very figure, else this script's --case."""
+    c = r.case
+    same = c.layout is None or (r.cli_value is not None and r.cli_layout == r.layout
+                                and abs(r.cli_value / r.value - 1) < 1e-9)
+    if same and c.metric in _FIELD:
+        return f"`{cli_command(c)}` -> {_FIELD[c.metric]}"
+    return f"`python benchmarks/validate.py --case {c.id}`"
+
+
+def table(rows: list[Prediction]) -> str:
+    head = ("| case | metric | published | predicted | ratio | claimed band | layout | reproduce |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        c = r.case
+        band = f"{c.band[0]:g}-{c.band[1]:g}" + (f" (outlier {c.note})" if c.note else "")
+        fits = "" if r.fits else " (does not fit)"
+        lines.append(f"| {c.id} | {r.published['metric']} | {_published_text(r.published)} | "
+                     f"{_fmt(r.value)} {r.published['unit']} | {r.ratio:.2f} | {band} | {r.layout}{fits} | "
+                     f"{reproduce(r)} |")
+    return "\n".join(lines)
+
+
+def cli_table(rows: list[Prediction]) -> str:
+    """Rows `moeplan perf` cannot reproduce: what it says for the same scenario, in its own layout."""
+    lines = ["| case | `moeplan perf` command | layout it picks | its figure |", "|---|---|---|---|"]
+    for r in rows:
+        if r.case.layout is None or reproduce(r).startswith("`moeplan"):
+            continue
+        figure = f"{_fmt(r.cli_value)} {r.published['unit']}" if r.cli_value is not None else "(no such field)"
+        lines.append(f"| {r.case.id} | `{cli_command(r.case)}` | {r.cli_layout} | {figure} |")
+    return "\n".join(lines)
+
+
+def explain(case: Case) -> str:
+    """The API calls behind one row, with each step's time split."""
+    r = predict(case, with_cli=True)
+    _, scheme, gpus, nodes = _setup(case)
+    out = [f"case {case.id}: {r.published['setup']}",
+           f"published {r.published['metric']}: {_published_text(r.published)} [{r.published['source']}]",
+           (f"model {case.model}, {len(gpus)} GPUs ({case.gpus} x {nodes} node(s)), quant {scheme.name}, "
+            f"batch {case.batch}, context {case.context}, prompt {case.prompt}, output {case.output}")]
+    if case.layout is None:
+        out.append(f"computed exactly as: {cli_command(case)}  (layout {r.layout})")
+    else:
+        tp, ep, dp = case.layout
+        out.append(f"layout forced as published: Layout(tp={tp}, ep={ep}, pp=1, dp_attention={dp}) = {r.layout}, "
+                   f"fits per GPU: {r.fits} (moeplan.plan.evaluate)")
+        for name, s in r.steps.items():
+            out.append(f"  {name} step (moeplan.perf.step_cost): {s.seconds * 1e3:.2f} ms; summed over layers: compute "
+                       f"{s.compute_s * 1e3:.2f} ms, memory {s.memory_s * 1e3:.2f} ms (a layer takes the larger), "
+                       f"communication {s.comm_s * 1e3:.2f} ms, plus per-layer floors and the head; {s.bound}-bound")
+        out.append(f"metric {case.metric} (see _metric in benchmarks/validate.py)")
+        out.append(f"nearest CLI: {cli_command(case)} -> layout {r.cli_layout}"
+                   + (f", {_fmt(r.cli_value)} {r.published['unit']}" if r.cli_value is not None else ""))
+    out.append(f"predicted {_fmt(r.value)} {r.published['unit']}, ratio {r.ratio:.2f}, claimed band "
+               f"{case.band[0]:g}-{case.band[1]:g}")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", help="explain one case by id")
+    args = parser.parse_args(argv)
+    by_id = {c.id: c for c in CASES}
+    if args.case:
+        if args.case not in by_id:
+            raise SystemExit(f"unknown case {args.case!r}; one of: {', '.join(by_id)}")
+        print(explain(by_id[args.case]))
+        return
+    rows = [predict(c, with_cli=True) for c in CASES]
+    print(table(rows))
+    print()
+    print(cli_table(rows))
+
+
+if __name__ == "__main__":
+    main()
