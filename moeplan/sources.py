@@ -111,7 +111,9 @@ def spec_from_card_data(data: Any, *, label: str) -> ModelSpec:
         return spec_from_config(data["config"], name=name, hub_id=hub_id, source=source)
     if isinstance(data.get("spec"), dict):
         try:
-            return ModelSpec(name=name, hub_id=hub_id, source=source, **data["spec"])
+            # The card's top-level name/hub_id/source win over the same keys inside `spec:`.
+            return ModelSpec(**{**data["spec"], "name": name, "hub_id": hub_id or data["spec"].get("hub_id"),
+                                "source": source or data["spec"].get("source")})
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"{label}: {first_error(exc) if isinstance(exc, ValueError) else exc}") from None
     raise ConfigError(f"{label}: a model card needs a 'config' (config.json keys) or a 'spec' mapping")

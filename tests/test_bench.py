@@ -9,6 +9,7 @@ import types
 from typing import Any
 
 import pytest
+import yaml
 
 torch = pytest.importorskip("torch")
 
@@ -354,3 +355,32 @@ def test_bench_result_calibration_is_saved(predictions: None, monkeypatch: pytes
     perf = importlib.import_module("moeplan.perf")
     if hasattr(perf, "efficiency_for"):  # the planner picks the measured efficiency up
         assert perf.efficiency_for(harness.host_gpu(), "fp32").memory == result.efficiency["memory"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cli_bench_json_and_save_calibration(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    from typer.testing import CliRunner
+
+    from moeplan.cli import app
+
+    monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path / "cache"))
+    card = tmp_path / "tiny-moe.yaml"
+    card.write_text(yaml.safe_dump({"name": "tiny-moe", "spec": TINY.model_dump(mode="json")}))
+    args = ["bench", str(card), "--device", "cpu", "--quant", "fp32", "--batch", "2", "--context", "32",
+            "--prompt", "16", "--layers", "2"]  # fmt: skip
+    result = CliRunner().invoke(app, [*args, "--json", "--save-calibration"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["device"] == "cpu" and data["path"] in ("grouped_mm", "bmm", "loop")
+    assert set(data["predicted"]) == set(data["measured"]) == {"param_bytes", "peak_bytes", "decode_s", "prefill_s"}
+    assert data["measured"]["param_bytes"] == data["predicted"]["param_bytes"]
+    saved = json.loads((tmp_path / "cache" / "calibration.json").read_text())
+    assert list(saved) == [f"{data['gpu']}|fp32"] and "moeplan bench" in saved[f"{data['gpu']}|fp32"]["source"]
+    table = CliRunner().invoke(app, args)
+    assert table.exit_code == 0 and "param_bytes" in table.stdout and "measured" in table.stdout
+    bad = CliRunner().invoke(app, ["bench", str(card), "--device", "tpu"])
+    assert bad.exit_code == 2
