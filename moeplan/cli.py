@@ -204,7 +204,7 @@ def fit_cmd(
 ) -> None:
     """Does it fit? Every layout checked per GPU; largest context and batch; expert offload."""
     from moeplan.hardware import parse_gpus
-    from moeplan.perf import rank_plan
+    from moeplan.perf import ranker
     from moeplan.plan import fit
     from moeplan.report import fit_verdict, memory_bars, plans_table, speed_basis, verdict_table
 
@@ -212,8 +212,9 @@ def fit_cmd(
     gpu_list, n_nodes = parse_gpus(gpus, nodes)
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
-              mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank_plan, gpus_label=label)
-    command = _emit(emit, spec, res, gpu_list, rank_plan) if emit else None
+              mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=ranker(nodes=n_nodes),
+              gpus_label=label)
+    command = _emit(emit, spec, res, gpu_list, ranker(nodes=n_nodes)) if emit else None
     res = res.model_copy(update={"notes": [*res.notes, *speed_basis(gpu_list, res.best)]})
     if as_json:
         data = res.model_dump()
@@ -261,7 +262,7 @@ def perf(
     """Prefill and decode speed of the best plan: an MoE-aware roofline with communication."""
     from moeplan.hardware import parse_gpus
     from moeplan.layout import Scenario
-    from moeplan.perf import perf_report, rank_plan
+    from moeplan.perf import perf_report, ranker
     from moeplan.plan import fit
     from moeplan.quant import get_scheme
     from moeplan.report import fit_verdict, perf_table, sweep_table
@@ -272,7 +273,7 @@ def perf(
     gpu_list, n_nodes = parse_gpus(gpus, nodes)
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
-              mem_fraction=mem_fraction, rank=rank_plan, gpus_label=label)
+              mem_fraction=mem_fraction, rank=ranker(nodes=n_nodes, prompt=prompt), gpus_label=label)
     if res.best is None:
         out.print(fit_verdict(res)) if not as_json else _print_json(res.model_dump())
         raise typer.Exit(EXIT_MISS)
@@ -431,13 +432,15 @@ def _check_table(results: list[Any]) -> None:
         table.add_column(col, justify="right" if "/s" in col or col.endswith((" s", "GiB")) else "left",
                          no_wrap=col in ("result", "spec", "gpus", "plan"))
     for row in deploy.summary_rows(results):
-        row = {**row, "spec": Path(row["spec"]).name, "result": f"[{style[row['result']]}]{row['result']}[/]"}
+        # Paths, models and GPU lists are user text: escaped, so `deploy[prod].yaml` is not markup.
+        row = {**{c: escape(v) for c, v in row.items()}, "spec": escape(Path(row["spec"]).name),
+               "result": f"[{style[row['result']]}]{row['result']}[/]"}
         table.add_row(*(row[c] for c in cols))
     out.print(table)
     for r in results:
         word = {0: "pass", 1: "fail", 2: "invalid"}[r.exit_code]
         about = f", {r.model} on {r.gpus} with {r.engine}" if r.model else ""
-        out.print(f"\n[b]{r.path or r.name}[/b]: {word}{about}", highlight=False)
+        out.print(f"\n[b]{escape(r.path or r.name)}[/b]: {escape(word + about)}", highlight=False)
         for line in deploy.detail_lines(r):
             out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         if r.command and r.exit_code == 0:

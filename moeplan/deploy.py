@@ -11,7 +11,6 @@ Exit codes follow the CLI's: 0 passes, 1 does not fit or misses a target, 2 the 
 from __future__ import annotations
 
 import difflib
-import importlib
 import math
 import shlex
 from collections.abc import Callable, Iterable
@@ -442,24 +441,11 @@ class _Choice(BaseModel):
     notes: list[str]
 
 
-def default_ranker(spec: DeploySpec) -> Ranker | None:
-    """moeplan.perf's speed at the spec's prompt length and node count; None when perf is absent."""
-    try:
-        perf = importlib.import_module("moeplan.perf")
-    except ModuleNotFoundError as exc:
-        if exc.name != "moeplan.perf":
-            raise
-        return None
-    speed = getattr(perf, "speed", None)
-    if speed is None:
-        return getattr(perf, "rank_plan", None)
+def default_ranker(spec: DeploySpec) -> Ranker:
+    """moeplan.perf's speed at the spec's prompt length and node count."""
+    from moeplan.perf import ranker
 
-    def rank(model: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario) -> Plan:
-        # perf.rank_plan assumes one node and a 1024-token prompt; the spec says otherwise.
-        sp, _, _ = speed(model, scheme, plan, gpus, sc, prompt=spec.targets.prompt_tokens, nodes=spec.nodes)
-        return plan.model_copy(update={"speed": sp})
-
-    return rank
+    return ranker(nodes=spec.nodes, prompt=spec.targets.prompt_tokens)
 
 
 def engine_runs(engine: str, plan: Plan) -> bool:

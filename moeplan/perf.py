@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
@@ -37,7 +38,6 @@ from moeplan.params import (
 from moeplan.plan import Plan, Speed, layout_of
 from moeplan.quant import QuantScheme, kv_dtype_bytes
 from moeplan.spec import LayerSpec, ModelSpec
-
 
 # A floor per decoder layer per step: even under CUDA graphs a MoE layer runs 10-20 kernels
 # (norms, projections, rotary, attention, router, top-k, grouped GEMMs, combine) of a few
@@ -315,8 +315,19 @@ def speed(
     return sp, dec, pre
 
 
+def ranker(*, nodes: int = 1, prompt: int | None = None) -> Callable[..., Plan]:
+    """fit's ranking hook for a deployment over `nodes` nodes (an EP all-to-all beyond one node
+    crosses the network) and a prompt of `prompt` tokens for TTFT."""
+
+    def rank(spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario) -> Plan:
+        sp, _, _ = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes)
+        return plan.model_copy(update={"speed": sp})
+
+    return rank
+
+
 def rank_plan(spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario) -> Plan:
-    """Attach the speed of a plan (fit's ranking hook)."""
+    """Attach the speed of a plan on one node (fit's ranking hook; `ranker` for more nodes)."""
     sp, _, _ = speed(spec, scheme, plan, gpus, sc)
     return plan.model_copy(update={"speed": sp})
 
@@ -334,6 +345,9 @@ def perf_report(
     notes = [f"efficiency: memory {eff.memory:.2f}, compute {eff.compute:.2f} ({eff.source})"]
     if any(g.generic for g in gpus):
         notes.append(next(g.source for g in gpus if g.generic))
+    if plan.ep > 1 and scheme.compute == "fp8":
+        notes.append("EP dispatch assumed in fp8 with a bf16 combine (DeepEP's DeepSeek-V3 setting, as SGLang "
+                     "runs it with DeepEP); an engine that dispatches bf16 moves about twice the dispatch bytes")
     if sweep:
         layout = layout_of(plan)
         dense_bytes = sum(

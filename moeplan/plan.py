@@ -244,6 +244,9 @@ def fit(
     offload_plan = None
     if not fitting and cpu_mem_bytes:
         offload_plan = plan_offload(spec, gpus, sc, cpu_mem_bytes, quant)
+        if offload_plan is None and spec.is_moe and not quant and not kv_dtype_usable(kv_dtype, get_scheme("q4_k_m")):
+            notes.append(f"expert offload is planned for llama.cpp (--n-cpu-moe), which has no {kv_dtype} KV cache: "
+                         "use --kv-dtype fp16, q8_0 or q4_0 for an offload plan")
         if offload_plan is not None and rank is not None:
             offload_plan = rank(spec, get_scheme(offload_plan.quant).for_model(spec), offload_plan, gpus, sc)
     elif not fitting and spec.is_moe:

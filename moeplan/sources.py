@@ -111,7 +111,8 @@ def spec_from_card_data(data: Any, *, label: str) -> ModelSpec:
         return spec_from_config(data["config"], name=name, hub_id=hub_id, source=source)
     if isinstance(data.get("spec"), dict):
         try:
-            # The card's top-level name/hub_id/source win over the same keys inside `spec:`.
+            # The card's name (top-level, else its file name) and top-level hub_id/source win over the
+            # same keys inside `spec:`.
             return ModelSpec(**{**data["spec"], "name": name, "hub_id": hub_id or data["spec"].get("hub_id"),
                                 "source": source or data["spec"].get("source")})
         except (ValueError, TypeError) as exc:

@@ -228,8 +228,15 @@ class _Missing(Exception):
         self.key = key
 
 
+def _is_whole(value: Any) -> bool:
+    """An int, or a float with no fraction; not a bool, NaN or infinity (json reads Infinity, 1e400)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or (math.isfinite(value) and value == int(value))
+
+
 def _positive_int(value: Any, key: str, label: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if not _is_whole(value):
         raise ConfigError(f"{label}: '{key}' must be a whole number, got {value!r}")
     if value <= 0:
         raise ConfigError(f"{label}: '{key}' must be positive, got {value!r}; fix the config")
@@ -239,7 +246,7 @@ def _positive_int(value: Any, key: str, label: str) -> int:
 def _whole(value: Any, key: str, label: str, minimum: int) -> int:
     """A count read from a config (experts, top-k, first dense layers): a whole number >= minimum;
     a missing/null value is the caller's default."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    if not _is_whole(value):
         raise ConfigError(f"{label}: '{key}' must be a whole number, got {value!r}")
     if value < minimum:
         raise ConfigError(f"{label}: '{key}' must be at least {minimum}, got {value!r}; fix the config")

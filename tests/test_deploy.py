@@ -623,3 +623,22 @@ def test_cli_fit_emit(engine: str, program: str) -> None:
     flags = [t for t in args if t.startswith("-")]
     documented = ENGINE_FLAGS["llama.cpp" if engine == "llamacpp" else engine]
     assert set(flags) <= set(documented), set(flags) - set(documented)
+
+
+def test_cli_check_table_prints_brackets_in_paths_as_text(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    spec = tmp_path / "d[x]" / "deploy[prod].yaml"
+    spec.parent.mkdir()
+    spec.write_text(PASS.read_text())
+    result = CliRunner().invoke(_cli_check(), ["check", str(spec)])
+    assert result.exit_code == 0, result.output
+    assert "deploy[prod].yaml" in result.stdout and f"{spec}: pass" in result.stdout
+
+
+def test_example_workflow_runs_moeplan_check() -> None:
+    workflow = yaml.safe_load((REPO / "examples" / "github-workflow.yml").read_text())
+    runs = [step.get("run", "") for job in workflow["jobs"].values() for step in job["steps"]]
+    assert any("moeplan check" in r and "--format github" in r for r in runs)
+    assert any("moeplan check" in r and "--format markdown" in r for r in runs)
+    assert any("pip install" in r for r in runs)

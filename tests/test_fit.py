@@ -142,3 +142,16 @@ def test_fit_and_perf_say_when_a_saved_calibration_is_used(monkeypatch, tmp_path
     assert after["best"]["speed"]["tpot_s"] > before["best"]["speed"]["tpot_s"] * 1.5
     perf = json.loads(runner.invoke(app, ["perf", *args]).stdout)
     assert any("calibration from moeplan bench" in n for n in perf["notes"])
+
+
+def test_fit_speed_over_several_nodes_matches_perf():
+    # fit ranks layouts with the node count, so its speed is perf's (EP all-to-all over the network).
+    args = ["deepseek-v3", "--gpus", "8xH100", "--nodes", "4", "--quant", "fp8", "--batch", "512", "--context",
+            "2048", "--json"]  # fmt: skip
+    fitted = json.loads(runner.invoke(app, ["fit", *args]).stdout)["best"]
+    perf = json.loads(runner.invoke(app, ["perf", *args, "--prompt", "1024"]).stdout)
+    assert fitted["layout"] == perf["layout"] and fitted["ep"] > 8
+    assert fitted["speed"]["tpot_s"] == pytest.approx(perf["tpot_s"], rel=1e-9)
+    one_node = fit(resolve("deepseek-v3"), parse_gpus("8xH100", 4)[0], nodes=4, quant="fp8", batch=512, context=2048,
+                   rank=rank_plan).best  # fmt: skip
+    assert one_node.speed.tpot_s < fitted["speed"]["tpot_s"]  # as if all 32 GPUs shared NVLink

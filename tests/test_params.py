@@ -460,6 +460,8 @@ BAD_SIZES = [
     pytest.param(_with(TINY, num_experts_per_tok=0), "num_experts_per_tok", id="top_k=0"),
     pytest.param(_with(TINY, num_experts_per_tok=-1), "num_experts_per_tok", id="top_k<0"),
     pytest.param(_with(TINY, num_experts_per_tok=1.5), "whole number", id="top_k=1.5"),
+    pytest.param(_with(TINY, num_experts_per_tok=float("inf")), "whole number", id="top_k=inf"),
+    pytest.param(_with(TINY, hidden_size=float("inf")), "whole number", id="hidden=inf"),
     pytest.param(_with(DEEPSEEK_V3, first_k_dense_replace=-1), "first_k_dense_replace", id="first_dense<0"),
     pytest.param(_with(DEEPSEEK_V3, first_k_dense_replace=2.5), "first_k_dense_replace", id="first_dense=2.5"),
     pytest.param(_with(TINY, num_experts_per_tok=8), "exceeds", id="top_k>experts"),
