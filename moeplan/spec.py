@@ -216,6 +216,10 @@ class _Cfg:
                 return node
         return default
 
+    def which(self, *keys: str) -> str:
+        """The alias this config actually uses (for error messages), else the first."""
+        return next((k for k in keys if self.get(k) is not None), keys[0])
+
     def need(self, *keys: str) -> Any:
         value = self.get(*keys)
         if value is None:
@@ -371,10 +375,10 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
         raise ConfigError(f"{label}: 'quantization_config' must be an object, got {qc!r}")
 
     is_jamba = model_type == "jamba"
-    n_experts = _whole(_scalar(cfg.get(*_EXPERT_KEYS, default=0)) or 0, "num_experts", label, 0)
+    n_experts = _whole(_scalar(cfg.get(*_EXPERT_KEYS, default=0)) or 0, cfg.which(*_EXPERT_KEYS), label, 0)
     if is_jamba and n_experts == 0:
         n_experts = 16  # transformers JambaConfig default
-    topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), "num_experts_per_tok", label, 1)
+    topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), cfg.which(*_TOPK_KEYS), label, 1)
     attn_bias = bool(cfg.get("attention_bias", default=False))
 
     # Expert FFN width. NOTE: Mixtral-style configs reuse intermediate_size for the experts.
@@ -395,8 +399,8 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
 
     # Per-layer FFN kinds: first-k-dense (DeepSeek, GLM), a MoE step (Qwen, Llama 4), mlp_only_layers.
     first_dense = _whole(cfg.get("first_k_dense_replace", default=0) or 0, "first_k_dense_replace", label, 0)
-    step = _whole(cfg.get("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step", default=1) or 1,
-                  "decoder_sparse_step", label, 1)
+    step_keys = ("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step")
+    step = _whole(cfg.get(*step_keys, default=1) or 1, cfg.which(*step_keys), label, 1)
     mlp_only = set(cfg.get("mlp_only_layers", default=[]) or [])
     moe_layers_list = cfg.get("moe_layers")
 

@@ -456,7 +456,7 @@ BAD_SIZES = [
     pytest.param(_with(TINY, vocab_size=0), "vocab_size", id="vocab=0"),
     pytest.param(_with(TINY, intermediate_size=-32), "intermediate_size", id="intermediate<0"),
     pytest.param(_with(TINY, head_dim=-16), "head_dim", id="head_dim<0"),
-    pytest.param(_with(TINY, num_local_experts=-4), "num_experts", id="experts<0"),
+    pytest.param(_with(TINY, num_local_experts=-4), "num_local_experts", id="experts<0"),
     pytest.param(_with(TINY, num_experts_per_tok=0), "num_experts_per_tok", id="top_k=0"),
     pytest.param(_with(TINY, num_experts_per_tok=-1), "num_experts_per_tok", id="top_k<0"),
     pytest.param(_with(TINY, num_experts_per_tok=1.5), "whole number", id="top_k=1.5"),
