@@ -29,7 +29,7 @@ import yaml
 
 from moeplan.hardware import Gpu, parse_gpus
 from moeplan.layout import Layout, Scenario, even_stages
-from moeplan.perf import StepCost, perf_report, rank_plan, step_cost
+from moeplan.perf import StepCost, perf_report, rank_plan, ranker, step_cost
 from moeplan.plan import Plan, evaluate, fit
 from moeplan.quant import QuantScheme, get_scheme
 from moeplan.sources import resolve
@@ -183,8 +183,10 @@ def _cli_scenario(model: str, gpus_text: str, n: int, quant: str, batch: int, co
                 cpu_mem=cpu_mem)
     spec, scheme, gpus, nodes = _setup(case)
     cpu = int(float(case.cpu_mem.rstrip("GB")) * 1e9) if case.cpu_mem else None
+    # As the CLI ranks: `perf` with the node count and prompt, `fit --cpu-mem` (one node here) with neither.
+    rank = rank_plan if case.cpu_mem else ranker(nodes=nodes, prompt=case.prompt)
     res = fit(spec, gpus, nodes=nodes, context=case.context, batch=case.batch, quant=case.quant,
-              cpu_mem_bytes=cpu, rank=rank_plan)
+              cpu_mem_bytes=cpu, rank=rank)
     if res.best is None:
         raise SystemExit(f"moeplan finds no plan for {cli_command(case)}")
     if case.cpu_mem:
@@ -373,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     by_id = {c.id: c for c in CASES}
     if args.case:
         if args.case not in by_id:
-            raise SystemExit(f"unknown case {args.case!r}; one of: {', '.join(by_id)}")
+            parser.error(f"unknown case {args.case!r}; one of: {', '.join(by_id)}")
         print(explain(by_id[args.case]))
         return
     rows = [predict(c, with_cli=True) for c in CASES]
