@@ -139,6 +139,12 @@ def _ep_alltoall(nbytes: float, ranks: int, gpus: tuple[Gpu, ...], nodes: int) -
     return max(intra, inter) + INTER_NODE_LATENCY_US * 1e-6
 
 
+def ep_alltoall_seconds(nbytes: float, ranks: int, gpu: Gpu, nodes: int = 1) -> float:
+    """One EP all-to-all of `nbytes` per rank over `ranks` GPUs like `gpu` on `nodes` nodes: the
+    communication model step_cost charges for dispatch and for combine (bench compares with it)."""
+    return _ep_alltoall(nbytes, ranks, (gpu,) * ranks, nodes)
+
+
 def step_cost(
     spec: ModelSpec,
     scheme: QuantScheme,

@@ -285,6 +285,15 @@ def bench_table(res: object) -> Table:
                       f"{a.decode_fraction_of_peak:.0%} of {a.peak_gb_per_s:,.0f}")
         table.add_row("prefill compute", "", f"{a.prefill_tflops:,.2f} TFLOP/s",
                       f"{a.prefill_fraction_of_peak:.0%} of {a.peak_tflops:,.0f}")
+    ep = r.ep  # type: ignore[attr-defined]
+    if ep is not None:
+        table.add_section()
+        ms = lambda v: f"{v * 1000:,.3f} ms" if v is not None else "-"  # noqa: E731
+        for label, pred, meas in (("dispatch", ep.predicted_dispatch_s, ep.dispatch_s),
+                                  ("combine", ep.predicted_combine_s, ep.combine_s)):  # fmt: skip
+            err = f"{meas / pred - 1:+.1%}" if pred else "-"
+            table.add_row(f"EP {label} ({ep.ranks} ranks)", ms(pred), ms(meas), err)
+        table.add_row(f"EP experts ({ep.tokens} tokens)", "", ms(ep.experts_s), "")
     if not r.fits:  # type: ignore[attr-defined]
         table.add_row("[red]does not fit[/red]", "", str(r.oom), "")  # type: ignore[attr-defined]
     return table

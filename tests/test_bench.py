@@ -384,3 +384,30 @@ def test_cli_bench_json_and_save_calibration(monkeypatch: pytest.MonkeyPatch, tm
     assert table.exit_code == 0 and "param_bytes" in table.stdout and "measured" in table.stdout
     bad = CliRunner().invoke(app, ["bench", str(card), "--device", "tpu"])
     assert bad.exit_code == 2
+
+
+def test_ep_times_carry_the_communication_model_on_a_gpu() -> None:
+    from moeplan.bench.run import EpTimes, _with_comm_model
+    from moeplan.hardware import parse_gpus
+    from moeplan.perf import ep_alltoall_seconds
+    from moeplan.report import bench_table
+
+    h100 = parse_gpus("1xH100")[0][0]
+    measured = EpTimes(ranks=8, experts_per_rank=[1] * 8, tokens=64, dispatch_s=1e-4, experts_s=2e-4, combine_s=1e-4,
+                       path="grouped_mm")  # fmt: skip
+    notes: list[str] = []
+    got = _with_comm_model(measured, TINY, h100, dtype="bf16", batch=8, notes=notes)
+    # 8 tokens x top-2 x hidden 64 x 2 bytes per rank, 7/8 of it to peers over NVLink, plus latency.
+    want = ep_alltoall_seconds(8 * 2 * 64 * 2, 8, h100)
+    assert got.predicted_dispatch_s == got.predicted_combine_s == want
+    assert want == pytest.approx(7 / 8 * 2048 / (h100.link_gb_per_s * 1e9) + h100.link_latency_us * 1e-6)
+    assert notes == []
+    cpu = _with_comm_model(measured, TINY, harness.device_info(torch.device("cpu"))[1], dtype="bf16", batch=8,
+                           notes=notes)  # fmt: skip
+    assert cpu.predicted_dispatch_s is None and "measured only" in notes[0]
+    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
+    from rich.console import Console
+
+    console = Console(width=200, record=True)
+    console.print(bench_table(result.model_copy(update={"ep": got})))
+    assert "EP dispatch (8 ranks)" in console.export_text()

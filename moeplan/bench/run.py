@@ -72,6 +72,9 @@ class EpTimes(_Frozen):
     experts_s: float
     combine_s: float
     path: str
+    # moeplan.perf's communication model for the same all-to-alls; None where it has no link (CPU).
+    predicted_dispatch_s: float | None = None
+    predicted_combine_s: float | None = None
 
 
 class BenchResult(_Frozen):
@@ -296,6 +299,7 @@ def run_bench(
         if ep > 1:
             stage[0] = f"running expert parallel over {ep} ranks"
             ep_times = _run_ep(spec, ep=ep, dtype=dtype, device=device, batch=batch, repeats=repeats, warmup=warmup)
+            ep_times = _with_comm_model(ep_times, spec, gpu, dtype=dtype, batch=batch, notes=notes)
             progress(f"expert parallel over {ep} ranks")
     except Exception as exc:  # noqa: BLE001 - only out-of-memory is a result; the rest re-raises
         if not is_oom(exc):
@@ -404,6 +408,21 @@ def _run_ep(spec: ModelSpec, *, ep: int, dtype: str, device: str, batch: int, re
     r = run_ep(spec, ep=ep, dtype=dtype, device=device, tokens_per_rank=batch, repeats=repeats, warmup=warmup)
     return EpTimes(ranks=r.ranks, experts_per_rank=r.experts_per_rank, tokens=r.tokens, dispatch_s=r.dispatch_s,
                    experts_s=r.experts_s, combine_s=r.combine_s, path=r.path)  # fmt: skip
+
+
+def _with_comm_model(times: EpTimes, spec: ModelSpec, gpu: Gpu, *, dtype: str, batch: int,
+                     notes: list[str]) -> EpTimes:
+    """Attach perf's prediction for the measured dispatch and combine: each rank sends its `batch`
+    tokens x top-k x hidden in the bench dtype (bf16/fp16 2 bytes, fp32 4) over the GPU's link."""
+    if gpu.link_gb_per_s <= 0:
+        notes.append("expert parallel: no link model for processes on the CPU (gloo); dispatch and combine "
+                     "are measured only")
+        return times
+    from moeplan.perf import ep_alltoall_seconds
+
+    nbytes = batch * spec.experts_per_token * spec.hidden_size * (4 if dtype == "fp32" else 2)
+    predicted = ep_alltoall_seconds(nbytes, times.ranks, gpu)
+    return times.model_copy(update={"predicted_dispatch_s": predicted, "predicted_combine_s": predicted})
 
 
 def save_result_calibration(result: BenchResult) -> Path | None:
