@@ -211,10 +211,10 @@ def fit_cmd(
     spec = resolve_model(model, from_hub)
     gpu_list, n_nodes = parse_gpus(gpus, nodes)
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
+    rank = ranker(nodes=n_nodes)
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
-              mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=ranker(nodes=n_nodes),
-              gpus_label=label)
-    command = _emit(emit, spec, res, gpu_list, ranker(nodes=n_nodes)) if emit else None
+              mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank, gpus_label=label)
+    command = _emit(emit, spec, res, gpu_list, rank) if emit else None
     res = res.model_copy(update={"notes": [*res.notes, *speed_basis(gpu_list, res.best)]})
     if as_json:
         data = res.model_dump()
@@ -431,14 +431,15 @@ def _check_table(results: list[Any]) -> None:
     for col in cols:
         table.add_column(col, justify="right" if "/s" in col or col.endswith((" s", "GiB")) else "left",
                          no_wrap=col in ("result", "spec", "gpus", "plan"))
-    for row in deploy.summary_rows(results):
+    rows = deploy.summary_rows(results)
+    for row in rows:
         # Paths, models and GPU lists are user text: escaped, so `deploy[prod].yaml` is not markup.
-        row = {**{c: escape(v) for c, v in row.items()}, "spec": escape(Path(row["spec"]).name),
-               "result": f"[{style[row['result']]}]{row['result']}[/]"}
-        table.add_row(*(row[c] for c in cols))
+        cells = {**{c: escape(v) for c, v in row.items()}, "spec": escape(Path(row["spec"]).name),
+                 "result": f"[{style[row['result']]}]{row['result']}[/]"}
+        table.add_row(*(cells[c] for c in cols))
     out.print(table)
-    for r in results:
-        word = {0: "pass", 1: "fail", 2: "invalid"}[r.exit_code]
+    for r, row in zip(results, rows, strict=True):
+        word = row["result"]
         about = f", {r.model} on {r.gpus} with {r.engine}" if r.model else ""
         out.print(f"\n[b]{escape(r.path or r.name)}[/b]: {escape(word + about)}", highlight=False)
         for line in deploy.detail_lines(r):

@@ -27,7 +27,7 @@ from moeplan.hardware import Gpu, parse_gpus
 from moeplan.layout import Scenario
 from moeplan.memory import MAX_CONTEXT
 from moeplan.plan import FitResult, Plan, fit, plan_offload, plans_for_quant, quant_candidates
-from moeplan.quant import QuantScheme, get_scheme, kv_dtype_bytes, native_scheme
+from moeplan.quant import QuantScheme, get_scheme, kv_dtype_bytes, kv_dtype_usable, native_scheme
 from moeplan.sources import HUB_ID, looks_like_path, resolve
 from moeplan.spec import ModelSpec
 
@@ -461,15 +461,7 @@ def engine_runs(engine: str, plan: Plan) -> bool:
 
 def engine_candidates(engine: str, model: ModelSpec, quant: str | None, kv_dtype: str) -> list[QuantScheme]:
     """fit's quantization order, less what the engine cannot load or pair with this KV dtype."""
-    out = []
-    for scheme in quant_candidates(model, quant):
-        try:
-            kv_dtype_bytes(kv_dtype, scheme)
-        except QuantError:
-            continue
-        if engine_accepts(engine, scheme):
-            out.append(scheme)
-    return out
+    return [s for s in quant_candidates(model, quant) if kv_dtype_usable(kv_dtype, s) and engine_accepts(engine, s)]
 
 
 def _scenario(spec: DeploySpec) -> Scenario:

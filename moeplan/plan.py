@@ -244,7 +244,8 @@ def fit(
     offload_plan = None
     if not fitting and cpu_mem_bytes:
         offload_plan = plan_offload(spec, gpus, sc, cpu_mem_bytes, quant)
-        if offload_plan is None and spec.is_moe and not quant and not kv_dtype_usable(kv_dtype, get_scheme("q4_k_m")):
+        ladder = [get_scheme(q) for q in OFFLOAD_LADDER]
+        if offload_plan is None and spec.is_moe and not quant and not any(kv_dtype_usable(kv_dtype, s) for s in ladder):
             notes.append(f"expert offload is planned for llama.cpp (--n-cpu-moe), which has no {kv_dtype} KV cache: "
                          "use --kv-dtype fp16, q8_0 or q4_0 for an offload plan")
         if offload_plan is not None and rank is not None:

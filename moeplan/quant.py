@@ -114,16 +114,13 @@ def _gguf_bits(spec: ModelSpec, mix: dict[str, object]) -> dict[str, float]:
             _, hi, lo = text.split(":")
             f = use_more_bits_fraction(n)
             return f * bpw(hi) + (1 - f) * bpw(lo)
-        if text.startswith("first16:"):
-            _, hi, lo = text.split(":")
-            f = (n // 16) / n if n else 0.0
-            return f * bpw(hi) + (1 - f) * bpw(lo)
-        # i_layer < n_layer/8 (IQ4_XS ffn_down without imatrix). NOTE: llama.cpp counts over every
-        # ffn_down* tensor (dense, _exps, _shexp), so with shared experts or dense layers its n differs
-        # from num_layers; checked against published files only for Mixtral and Qwen3 (no shexp).
-        if text.startswith("first8:"):
-            _, hi, lo = text.split(":")
-            f = (n // 8) / n if n else 0.0
+        # firstN:hi:lo: layers i < n_layer/N one type up. first16: Q3_K_M ffn_down; first8: IQ4_XS
+        # ffn_down without imatrix. NOTE: llama.cpp counts over every ffn_down* tensor (dense, _exps,
+        # _shexp), so with shared experts or dense layers its n differs from num_layers; checked
+        # against published files only for Mixtral and Qwen3 (no shexp).
+        if text.startswith("first"):
+            head, hi, lo = text.split(":")
+            f = (n // int(head.removeprefix("first"))) / n if n else 0.0
             return f * bpw(hi) + (1 - f) * bpw(lo)
         if text.startswith("gqa4:"):
             _, hi, lo = text.split(":")

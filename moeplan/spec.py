@@ -240,20 +240,17 @@ def _is_whole(value: Any) -> bool:
 
 
 def _positive_int(value: Any, key: str, label: str) -> int:
-    if not _is_whole(value):
-        raise ConfigError(f"{label}: '{key}' must be a whole number, got {value!r}")
-    if value <= 0:
-        raise ConfigError(f"{label}: '{key}' must be positive, got {value!r}; fix the config")
-    return int(value)
+    return _whole(value, key, label, 1)
 
 
 def _whole(value: Any, key: str, label: str, minimum: int) -> int:
-    """A count read from a config (experts, top-k, first dense layers): a whole number >= minimum;
-    a missing/null value is the caller's default."""
+    """A count or size read from a config (experts, top-k, first dense layers, widths): a whole
+    number >= minimum; a missing/null value is the caller's default."""
     if not _is_whole(value):
         raise ConfigError(f"{label}: '{key}' must be a whole number, got {value!r}")
     if value < minimum:
-        raise ConfigError(f"{label}: '{key}' must be at least {minimum}, got {value!r}; fix the config")
+        bound = "positive" if minimum == 1 else f"at least {minimum}"
+        raise ConfigError(f"{label}: '{key}' must be {bound}, got {value!r}; fix the config")
     return int(value)
 
 
