@@ -21,13 +21,15 @@ from collections import Counter
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.hardware import Gpu
-from moeplan.memory import activation_bytes, kv_bytes_per_layer_token, mamba_state_bytes, overhead_bytes
+from moeplan.kv_cache import cache_bytes
+from moeplan.memory import activation_bytes, hash_table_bytes, overhead_bytes
 from moeplan.params import (
-    ATTENTION, DENSE_FFN, EMBEDDING, LM_HEAD, MAMBA, NORMS, ROUTED_EXPERTS, SHARED_EXPERTS, VISION,
-    attention_params, layer_params, norm_params, vision_params,
+    ATTENTION, DENSE_FFN, DENSE_MLP, EMBEDDING, HYPER_CONNECTIONS, LM_HEAD, MAMBA, NORMS, PER_LAYER_EMBEDDING,
+    ROUTED_EXPERTS, SHARED_EXPERTS, VISION, attention_params, dsa_indexer_params, hyper_head_params, layer_params,
+    norm_params, per_layer_embedding_params, vision_params,
 )  # fmt: skip
-from moeplan.quant import QuantScheme, kv_dtype_bytes
-from moeplan.spec import ModelSpec
+from moeplan.quant import QuantScheme
+from moeplan.spec import LayerSpec, ModelSpec
 
 
 
@@ -76,28 +78,43 @@ def expert_share(num_experts: int, ep: int, rank: int) -> int:
     return num_experts // ep + (1 if rank < num_experts % ep else 0)
 
 
-def _attention_fraction(spec: ModelSpec, tp: int) -> float:
+def _attention_fraction(spec: ModelSpec, layer: LayerSpec, tp: int) -> float:
     """Share of one layer's attention weights on one TP rank."""
     if tp == 1:
         return 1.0
     h = spec.hidden_size
+    if layer.mixer in ("linear", "mamba"):
+        return 1 / tp  # projections, conv and state split by heads
+    total = attention_params(spec, layer)
+    if spec.attention == "compressed" and spec.compressed is not None:
+        # DeepSeek-V4: q_b, the grouped o_a and o_b split by heads; the q/kv down-projections and their
+        # norms, the one shared KV head, the compressor and the indexer are replicated (vLLM keeps the
+        # single-KV-head path whole on every rank).
+        c = spec.compressed
+        split = c.q_lora_rank * spec.num_attention_heads * spec.head_dim + spec.num_attention_heads
+        split += spec.num_attention_heads * spec.head_dim * c.o_lora_rank + c.o_groups * c.o_lora_rank * h
+        return ((total - split) + split / tp) / total
     if spec.attention == "mla" and spec.mla is not None:
         m = spec.mla
-        # q_a / kv_a down-projections and their norms are replicated; the rest splits by heads.
+        # q_a / kv_a down-projections, their norms and any DSA indexer are replicated; the rest splits by heads.
         replicated = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
         if m.q_lora_rank:
             replicated += h * m.q_lora_rank + m.q_lora_rank
-        total = attention_params(spec)
+        if layer.indexer and spec.indexer is not None:
+            replicated += dsa_indexer_params(spec)
         return (replicated + (total - replicated) / tp) / total
-    q_o = 2 * h * spec.num_attention_heads * spec.head_dim
-    kv = 2 * h * spec.num_kv_heads * spec.head_dim
-    kv_frac = math.ceil(spec.num_kv_heads / tp) / spec.num_kv_heads
+    hd = layer.head_dim or spec.head_dim
+    kv_heads = layer.kv_heads or spec.num_kv_heads
+    q_o = (3 if spec.attn_output_gate else 2) * h * spec.num_attention_heads * hd
+    kv = (0 if layer.kv_shared else 1 if layer.k_eq_v else 2) * h * kv_heads * hd
+    kv_frac = math.ceil(kv_heads / tp) / kv_heads
     return (q_o / tp + kv * kv_frac) / (q_o + kv)
 
 
 def kv_fraction(spec: ModelSpec, tp: int) -> float:
-    """Share of the KV cache one TP rank keeps (MLA: all of it; GQA: at least one KV head)."""
-    if spec.attention == "mla" or tp == 1:
+    """Share of a full-attention layer's KV cache one TP rank keeps (MLA: all of it; GQA: at least one
+    KV head). Per-layer figures come from moeplan.kv_cache, which knows every layer kind."""
+    if spec.attention != "gqa" or tp == 1:
         return 1.0
     return math.ceil(spec.num_kv_heads / tp) / spec.num_kv_heads
 
@@ -131,27 +148,34 @@ def stage_weights(
     """Weight bytes by component on one GPU of `stage`."""
     start, end = stage_bounds(layout.stage_layers)[stage]
     tp = 1 if layout.dp_attention else layout.tp
-    attn_frac = _attention_fraction(spec, tp)
     out: Counter[str] = Counter()
     for layer, times in Counter(spec.layers[start:end]).items():
         for comp, (total, _) in layer_params(spec, layer).items():
             if comp == ATTENTION:
-                share = attn_frac
-            elif comp in (MAMBA, DENSE_FFN, SHARED_EXPERTS):
+                share = _attention_fraction(spec, layer, tp)
+            elif comp in (MAMBA, DENSE_FFN, SHARED_EXPERTS, DENSE_MLP):
                 share = 1 / tp
             elif comp == ROUTED_EXPERTS:
                 share = local_experts / spec.num_experts if layout.ep > 1 else 1 / tp
-            else:  # router, norms: replicated
+            else:  # router, norms, hyper-connections, per-layer input gates: replicated
                 share = 1.0
             out[comp] += math.ceil(times * total * share * scheme.bits_for(comp) / 8)
+    hashed = hash_table_bytes(spec, spec.layers[start:end])
+    if hashed:
+        out["hash_routing_tables"] += hashed
     emb = spec.vocab_size * spec.hidden_size
     vocab_split = 1 if layout.dp_attention else layout.tp
     if stage == 0:
         out[EMBEDDING] += math.ceil(emb / vocab_split * scheme.bits_for(EMBEDDING) / 8)
+        ple = per_layer_embedding_params(spec)
+        if ple:
+            out[PER_LAYER_EMBEDDING] += math.ceil(ple / vocab_split * scheme.bits_for(PER_LAYER_EMBEDDING) / 8)
         if spec.vision is not None:
             out[VISION] += math.ceil(vision_params(spec) * scheme.bits_for(VISION) / 8)
     if stage == layout.pp - 1:
         out[NORMS] += math.ceil(norm_params(spec, spec.hidden_size) * scheme.bits_for(NORMS) / 8)
+        if spec.hc_mult > 1:
+            out[HYPER_CONNECTIONS] += math.ceil(hyper_head_params(spec) * scheme.bits_for(HYPER_CONNECTIONS) / 8)
         if not spec.tie_word_embeddings or layout.pp > 1:
             # Tied weights are still a second copy when the head lives on another stage.
             head = emb + (spec.vocab_size if spec.lm_head_bias else 0)
@@ -160,22 +184,14 @@ def stage_weights(
 
 
 def stage_kv_bytes(spec: ModelSpec, layout: Layout, stage: int, context: int, batch: int, kv_dtype: str) -> int:
-    """KV (and Mamba state) on one GPU of `stage` for `batch` sequences of `context` tokens."""
+    """KV and fixed state on one GPU of `stage` for `batch` sequences of `context` tokens, as the
+    engines allocate them (moeplan.kv_cache; DP attention splits the sequences, TP the heads)."""
     start, end = stage_bounds(layout.stage_layers)[stage]
     if layout.dp_attention:
-        seqs, frac = math.ceil(batch / layout.ep), 1.0
+        seqs, tp = math.ceil(batch / layout.ep), 1
     else:
-        seqs, frac = batch, kv_fraction(spec, layout.tp)
-    per = kv_bytes_per_layer_token(spec, kv_dtype_bytes(kv_dtype))
-    tokens = 0
-    mamba = 0
-    for layer, times in Counter(spec.layers[start:end]).items():
-        if layer.mixer == "mamba":
-            mamba += times
-        else:
-            tokens += times * (min(context, layer.window) if layer.window else context)
-    mamba_share = 1 / (1 if layout.dp_attention else layout.tp)
-    return math.ceil(seqs * (tokens * per * frac + mamba * mamba_state_bytes(spec) * mamba_share))
+        seqs, tp = batch, layout.tp
+    return cache_bytes(spec, context, seqs, kv_dtype, layers=spec.layers[start:end], tp=tp, engine=True).total
 
 
 def stage_activation_bytes(
@@ -288,5 +304,5 @@ def layer_bytes_one_stage(spec: ModelSpec, scheme: QuantScheme, layout: Layout, 
     """Decoder-layer weights plus KV on the busiest GPU if all layers sat in one stage."""
     local = expert_share(spec.num_experts, layout.ep, 0) if layout.ep > 1 else spec.num_experts
     weights = stage_weights(spec, scheme, layout, 0, local)
-    layer_w = sum(v for k, v in weights.items() if k not in (EMBEDDING, LM_HEAD, VISION))
+    layer_w = sum(v for k, v in weights.items() if k not in (EMBEDDING, LM_HEAD, VISION, PER_LAYER_EMBEDDING))
     return layer_w + stage_kv_bytes(spec, layout, 0, sc.context, sc.batch, sc.kv_dtype)

@@ -30,10 +30,10 @@ from collections.abc import Callable
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.hardware import HOST_RAM_GB_PER_S, HOST_TFLOPS, INTER_NODE_GB_PER_S, INTER_NODE_LATENCY_US, Gpu
-from moeplan.layout import Layout, Scenario, expert_share, kv_fraction, stage_bounds
-from moeplan.memory import kv_bytes_per_layer_token, mamba_state_bytes
+from moeplan.kv_cache import attention_flops, decode_read_bytes
+from moeplan.layout import Layout, Scenario, expert_share, stage_bounds
 from moeplan.params import (
-    ATTENTION, DENSE_FFN, LM_HEAD, MAMBA, NORMS, ROUTED_EXPERTS, ROUTER, SHARED_EXPERTS, expert_params, layer_params,
+    ATTENTION, DENSE_FFN, DENSE_MLP, LM_HEAD, MAMBA, ROUTED_EXPERTS, SHARED_EXPERTS, expert_params, layer_params,
 )  # fmt: skip
 from moeplan.plan import Plan, Speed, layout_of
 from moeplan.quant import QuantScheme, kv_dtype_bytes
@@ -183,8 +183,7 @@ def step_cost(
     # Tokens one GPU's attention sees: all of them under TP, its share of sequences under DP attention.
     attn_seqs = math.ceil(batch / layout.ep) if layout.dp_attention else batch
     attn_tokens = attn_seqs * tokens_per_seq
-    kvb = kv_bytes_per_layer_token(spec, kv_dtype_bytes(kv_dtype))
-    kv_frac = 1.0 if layout.dp_attention else kv_fraction(spec, layout.tp)
+    kvb = kv_dtype_bytes(kv_dtype)
     if layout.ep > 1:
         local_touched = distinct_experts_per_rank(spec.num_experts, spec.experts_per_token, tokens, layout.ep)
     else:
@@ -212,18 +211,16 @@ def step_cost(
                 elif comp == ATTENTION:
                     b += n_total * bits / tp
                     f += 2 * n_total * attn_tokens / tp
-                elif comp in (MAMBA, DENSE_FFN, SHARED_EXPERTS):
+                elif comp in (MAMBA, DENSE_FFN, SHARED_EXPERTS, DENSE_MLP):
                     b += n_total * bits / tp
                     f += 2 * n_total * (attn_tokens if layout.dp_attention else tokens) / tp
-                elif comp in (ROUTER, NORMS):
+                else:  # router, norms, hyper-connections, per-layer input gates: replicated
                     b += n_total * bits
                     f += 2 * n_total * attn_tokens
-            if layer.mixer == "mamba":
-                b += attn_seqs * mamba_state_bytes(spec) * 2 / tp  # read and write the state
-            else:
-                ctx = min(context, layer.window) if layer.window else context
-                b += attn_seqs * ctx * kvb * kv_frac  # KV read
-                f += _attention_flops(spec, attn_tokens, ctx) / tp
+            # The cache this layer reads (KV rows, a sparse top-k, fixed states read and written) and
+            # its score FLOPs, from the one per-layer ledger (moeplan.kv_cache).
+            b += attn_seqs * decode_read_bytes(spec, layer, context, kvb, tp)
+            f += attention_flops(spec, layer, attn_tokens, context) / tp
             t_c = f / flops_rate
             t_m = b / bw
             t_comm = 0.0
@@ -256,17 +253,11 @@ def step_cost(
             bytes_all += b_head
             flops_all += f_head
         if stage > 0:
-            total += tokens * spec.hidden_size * 2 / (link_bw * 1e9) + link_lat  # pipeline send
+            # pipeline send of the residual stream (hc_mult streams under DeepSeek-V4's hyper-connections)
+            total += tokens * spec.hidden_size * spec.hc_mult * 2 / (link_bw * 1e9) + link_lat
     bound = "compute" if compute_t > memory_t else "memory"
     return StepCost(seconds=total, compute_s=compute_t, memory_s=memory_t, comm_s=comm_t, bytes=bytes_all,
                     flops=flops_all, distinct_experts=touched, bound=bound)
-
-
-def _attention_flops(spec: ModelSpec, tokens: int, ctx: int) -> float:
-    if spec.attention == "mla" and spec.mla is not None:
-        m = spec.mla
-        return 2 * tokens * spec.num_attention_heads * ctx * (2 * m.kv_lora_rank + m.qk_rope_head_dim)
-    return 4 * tokens * spec.num_attention_heads * spec.head_dim * ctx
 
 
 def _offload_time(spec: ModelSpec, scheme: QuantScheme, touched: float, gpu: Gpu, tokens: int) -> float:

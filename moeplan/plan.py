@@ -15,11 +15,12 @@ from moeplan.hardware import Gpu
 from moeplan.layout import (
     GpuUse, Layout, Scenario, candidate_layouts, gpu_rows, stage_activation_bytes, stage_kv_bytes, uneven_stages,
 )  # fmt: skip
-from moeplan.memory import (
-    MAX_CONTEXT, activation_bytes, check_context, kv_bytes_per_layer_token, kv_cache_bytes, overhead_bytes,
-    weight_bytes,
+from moeplan.kv_cache import cache_bytes
+from moeplan.memory import MAX_CONTEXT, activation_bytes, check_context, overhead_bytes, weight_bytes
+from moeplan.params import (
+    EMBEDDING, HYPER_CONNECTIONS, LM_HEAD, PER_LAYER_EMBEDDING, ROUTED_EXPERTS, VISION, hyper_head_params,
+    layer_params, norm_params, per_layer_embedding_params, vision_params,
 )  # fmt: skip
-from moeplan.params import EMBEDDING, LM_HEAD, ROUTED_EXPERTS, VISION, layer_params, norm_params, vision_params
 from moeplan.quant import LADDER, QuantScheme, get_scheme, kv_dtype_bytes, kv_dtype_usable, native_scheme
 from moeplan.spec import ModelSpec
 
@@ -293,7 +294,8 @@ def _shortlist(fitting: list[Plan], best: Plan, keep: int = 8) -> list[Plan]:
 def _layer_bytes(spec: ModelSpec, scheme: QuantScheme, offloaded: set[int], sc: Scenario) -> list[tuple[int, int]]:
     """(GPU bytes, CPU bytes) per decoder layer: weights and KV, experts to CPU when offloaded."""
     out = []
-    per = kv_bytes_per_layer_token(spec, kv_dtype_bytes(sc.kv_dtype))
+    cache = {layer: cache_bytes(spec, sc.context, sc.batch, sc.kv_dtype, layers=[layer], engine=True).total
+             for layer in set(spec.layers)}
     for i, layer in enumerate(spec.layers):
         gpu = cpu = 0
         for comp, (total, _) in layer_params(spec, layer).items():
@@ -302,9 +304,7 @@ def _layer_bytes(spec: ModelSpec, scheme: QuantScheme, offloaded: set[int], sc: 
                 cpu += b
             else:
                 gpu += b
-        ctx = min(sc.context, layer.window) if layer.window else sc.context
-        gpu += 0 if layer.mixer == "mamba" else math.ceil(sc.batch * ctx * per)
-        out.append((gpu, cpu))
+        out.append((gpu + cache[layer], cpu))
     return out
 
 
@@ -336,9 +336,11 @@ def plan_offload(
     emb = spec.vocab_size * spec.hidden_size
     for scheme in schemes:
         first_extra = math.ceil(emb * scheme.bits_for(EMBEDDING) / 8) + math.ceil(
-            vision_params(spec) * scheme.bits_for(VISION) / 8)
+            vision_params(spec) * scheme.bits_for(VISION) / 8) + math.ceil(
+            per_layer_embedding_params(spec) * scheme.bits_for(PER_LAYER_EMBEDDING) / 8)
         head = 0 if spec.tie_word_embeddings else emb
         last_extra = math.ceil(head * scheme.bits_for(LM_HEAD) / 8) + norm_params(spec, spec.hidden_size) * 2
+        last_extra += math.ceil(hyper_head_params(spec) * scheme.bits_for(HYPER_CONNECTIONS) / 8)
         over = overhead_bytes(len(gpus), cuda_graphs=False)
         act = activation_bytes(spec, min(LLAMACPP_UBATCH, sc.context * sc.batch))
         rooms = [int(g.usable_bytes * sc.mem_fraction) - over - act for g in gpus]
@@ -399,7 +401,8 @@ def _offload_rows(
         layers = list(range(start, start + n))
         start += n
         budget = int(gpu.usable_bytes * sc.mem_fraction)
-        kv = kv_cache_bytes(spec, sc.context, sc.batch, sc.kv_dtype, layers=[spec.layers[j] for j in layers])
+        kv = cache_bytes(spec, sc.context, sc.batch, sc.kv_dtype, layers=[spec.layers[j] for j in layers],
+                         engine=True).total
         layer_b = sum(per_layer[j][0] for j in layers)
         extra = budget - over - act - rooms[i]  # embedding / lm_head on the end GPUs
         weights = layer_b - kv + extra

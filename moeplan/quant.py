@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict
 
 from moeplan.errors import QuantError
 from moeplan.params import (
-    ATTENTION, DENSE_FFN, EMBEDDING, LM_HEAD, MAMBA, NORMS, ROUTED_EXPERTS, ROUTER, SHARED_EXPERTS, VISION,
+    ATTENTION, DENSE_FFN, DENSE_MLP, EMBEDDING, HYPER_CONNECTIONS, LM_HEAD, MAMBA, NORMS, PER_LAYER_EMBEDDING,
+    ROUTED_EXPERTS, ROUTER, SHARED_EXPERTS, VISION,
 )  # fmt: skip
 from moeplan.spec import ModelSpec
 
@@ -78,7 +79,10 @@ class QuantScheme(BaseModel):
         return self.bits_for(ROUTED_EXPERTS)
 
 
-_KEEP_16 = {EMBEDDING: 16.0, LM_HEAD: 16.0, ROUTER: 16.0, NORMS: 16.0, VISION: 16.0}
+# Kept in 16-bit by quantizers (embeddings, router, norms, vision) and the hyper-connection mixers,
+# which DeepSeek-V4 ships in fp32.
+_KEEP_16 = {EMBEDDING: 16.0, PER_LAYER_EMBEDDING: 16.0, LM_HEAD: 16.0, ROUTER: 16.0, NORMS: 16.0, VISION: 16.0,
+            HYPER_CONNECTIONS: 32.0}
 
 
 def _gguf(name: str, desc: str, **mix: object) -> QuantScheme:
@@ -86,7 +90,7 @@ def _gguf(name: str, desc: str, **mix: object) -> QuantScheme:
     base = str(mix["gate_up"])
     return QuantScheme(
         name=name, description=desc, bits=ggml_bpw(base), gguf=True, engines=("llamacpp",), gguf_mix=mix,
-        component_bits={ROUTER: 32.0, NORMS: 32.0, VISION: 16.0},
+        component_bits={ROUTER: 32.0, NORMS: 32.0, VISION: 16.0, HYPER_CONNECTIONS: 32.0},
     )  # fmt: skip
 
 
@@ -151,8 +155,8 @@ def _gguf_bits(spec: ModelSpec, mix: dict[str, object]) -> dict[str, float]:
     gate_up, down = bpw(mix["gate_up"]), bpw(mix["down"])
     ffn = (2 * gate_up + down) / 3
     return {
-        ATTENTION: attn, MAMBA: gate_up, DENSE_FFN: ffn, SHARED_EXPERTS: ffn, ROUTED_EXPERTS: ffn,
-        EMBEDDING: bpw(mix["embd"]), LM_HEAD: bpw(mix["out"]),
+        ATTENTION: attn, MAMBA: gate_up, DENSE_FFN: ffn, DENSE_MLP: ffn, SHARED_EXPERTS: ffn, ROUTED_EXPERTS: ffn,
+        EMBEDDING: bpw(mix["embd"]), PER_LAYER_EMBEDDING: bpw(mix["embd"]), LM_HEAD: bpw(mix["out"]),
     }  # fmt: skip
 
 
@@ -160,7 +164,8 @@ def _gguf_flat(name: str, type_name: str, desc: str, output: str | None = None) 
     b = ggml_bpw(type_name)
     return QuantScheme(
         name=name, description=desc, bits=b, gguf=True, engines=("llamacpp",),
-        component_bits={LM_HEAD: ggml_bpw(output or type_name), ROUTER: 32.0, NORMS: 32.0, VISION: 16.0},
+        component_bits={LM_HEAD: ggml_bpw(output or type_name), ROUTER: 32.0, NORMS: 32.0, VISION: 16.0,
+                        HYPER_CONNECTIONS: 32.0},
     )  # fmt: skip
 
 
@@ -193,8 +198,15 @@ def builtin_schemes() -> dict[str, QuantScheme]:
                     component_bits=dict(_KEEP_16), vllm_quantization="bitsandbytes"),
         QuantScheme(name="mxfp4", description="MXFP4 experts (E8M0 scale per 32), everything else bf16 (gpt-oss)",
                     bits=4.25, vllm_quantization="mxfp4",
-                    component_bits={k: 16.0 for k in (ATTENTION, MAMBA, DENSE_FFN, EMBEDDING, LM_HEAD, ROUTER, NORMS,
-                                                      VISION)}),
+                    component_bits={**{k: 16.0 for k in (ATTENTION, MAMBA, DENSE_FFN, DENSE_MLP, EMBEDDING,
+                                                         PER_LAYER_EMBEDDING, LM_HEAD, ROUTER, NORMS, VISION)},
+                                    HYPER_CONNECTIONS: 32.0}),
+        # DeepSeek-V4 as shipped (expert_dtype fp4): routed experts FP4 e2m1 with a ue8m0 scale per 32
+        # (0.53125 B per weight); everything else quantized in FP8 e4m3 128x128 blocks with ue8m0 scales
+        # (config quantization_config scale_fmt ue8m0); embeddings, lm_head, router bf16; mHC fp32.
+        QuantScheme(name="fp4-experts", description="FP4 routed experts (ue8m0 scale per 32), FP8 blocks elsewhere "
+                    "(DeepSeek-V4 as shipped)", bits=8 + 8 / (128 * 128),
+                    component_bits={**_KEEP_16, ROUTED_EXPERTS: 4 + 8 / 32}, compute="fp8"),
         QuantScheme(name="nvfp4", description="NVFP4 (fp8 scale per 16), embeddings/lm_head/router bf16", bits=4.5,
                     component_bits=dict(_KEEP_16), compute="fp4", vllm_quantization="modelopt_fp4"),
         _gguf_flat("q8_0", "q8_0", "GGUF Q8_0 (8.5 bpw)"),
@@ -273,7 +285,8 @@ def _mixed(key: str, text: str) -> QuantScheme:
     rest = get_scheme(parts.get("rest", "bf16"))
     if experts.gguf != rest.gguf:
         raise QuantError(f"'{text}' mixes GGUF and non-GGUF formats; no engine loads that")
-    bits = {c: rest.bits_for(c) for c in (ATTENTION, MAMBA, DENSE_FFN, EMBEDDING, LM_HEAD, ROUTER, NORMS, VISION)}
+    bits = {c: rest.bits_for(c) for c in (ATTENTION, MAMBA, DENSE_FFN, DENSE_MLP, EMBEDDING, PER_LAYER_EMBEDDING,
+                                          LM_HEAD, ROUTER, NORMS, VISION, HYPER_CONNECTIONS)}
     bits.update({c: experts.bits_for(c) for c in EXPERT_COMPONENTS})
     return QuantScheme(
         name=f"experts={experts.name},rest={rest.name}", description=f"experts {experts.name}, rest {rest.name}",
@@ -287,6 +300,8 @@ def native_scheme(spec: ModelSpec) -> QuantScheme:
     """The checkpoint as shipped: its quantization_config, else its torch_dtype."""
     qc = spec.quantization_config or {}
     method = (spec.checkpoint_quant or "").lower()
+    if spec.expert_dtype in ("fp4", "mxfp4") and method in ("fp8", ""):
+        return get_scheme("fp4-experts")
     if method == "fp8":
         return get_scheme("fp8-block" if qc.get("weight_block_size") else "fp8")
     if method == "mxfp4":

@@ -7,13 +7,13 @@ A ModelSpec says only what decides parameters, memory and compute. It is built o
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from moeplan.errors import ConfigError
 
-Mixer = Literal["full", "sliding", "chunked", "mamba"]
+Mixer = Literal["full", "sliding", "chunked", "mamba", "linear", "compressed"]
 Ffn = Literal["dense", "moe"]
 
 
@@ -22,12 +22,32 @@ class _Frozen(BaseModel):
 
 
 class LayerSpec(_Frozen):
-    """One decoder layer: its token mixer (attention kind or Mamba) and its FFN kind."""
+    """One decoder layer: its token mixer (attention kind, linear attention or Mamba), its FFN kind,
+    and where it differs from the model-wide attention geometry.
+
+    What each mixer keeps per sequence is moeplan.kv_cache's job; this only says what the layer is."""
 
     mixer: Mixer = "full"
-    # Sliding-window or chunk size in tokens: the KV this layer keeps is capped at it.
+    # Sliding-window or chunk size in tokens: the KV this layer keeps is capped at it. On a
+    # compressed layer (DeepSeek-V4) the window of its uncompressed sliding branch.
     window: PositiveInt | None = None
     ffn: Ffn = "moe"
+    # NOTE: Gemma 4's global layers use their own KV head count and head_dim
+    # (num_global_key_value_heads, global_head_dim); None means the model-wide value.
+    kv_heads: PositiveInt | None = None
+    head_dim: PositiveInt | None = None
+    # Gemma 4 attention_k_eq_v: K is V on this layer (no v_proj); one tensor to cache.
+    k_eq_v: bool = False
+    # Gemma 3n/4 num_kv_shared_layers: this layer reuses an earlier layer's K/V: no k/v weights, no cache.
+    kv_shared: bool = False
+    # DeepSeek-V4: one compressed KV row per `compress_ratio` tokens (4: CSA, 128: HCA).
+    compress_ratio: PositiveInt | None = None
+    # A lightning / DSA indexer on this layer (DeepSeek-V4 CSA layers, DeepSeek-V3.2, GLM-5).
+    indexer: bool = False
+    # DeepSeek-V4 num_hash_layers: experts chosen by a token-id table, not by the router's top-k.
+    hash_routed: bool = False
+    # Gemma 4 use_double_wide_mlp: KV-shared layers run a dense MLP twice as wide.
+    dense_intermediate_size: PositiveInt | None = None
 
 
 class MLASpec(_Frozen):
@@ -53,9 +73,51 @@ class MambaSpec(_Frozen):
     inner_layernorms: bool = True
 
 
+class LinearAttnSpec(_Frozen):
+    """Gated DeltaNet linear attention (Qwen3-Next, Qwen3.5/3.6; transformers
+    modeling_qwen3_next.Qwen3NextGatedDeltaNet): q/k heads of key_head_dim, v heads of value_head_dim,
+    a causal depthwise conv over q, k and v, and a recurrent state per v head."""
+
+    num_key_heads: PositiveInt
+    num_value_heads: PositiveInt
+    key_head_dim: PositiveInt
+    value_head_dim: PositiveInt
+    conv_kernel: PositiveInt = 4
+    # NOTE: the configs keep the recurrent (SSM) state in fp32 (Qwen3.5/3.6 mamba_ssm_dtype: float32;
+    # transformers computes Qwen3-Next's state in fp32 too); the conv state is in the model dtype.
+    ssm_state_bytes: float = 4.0
+    conv_state_bytes: float = 2.0
+
+    @property
+    def conv_dim(self) -> int:
+        return 2 * self.num_key_heads * self.key_head_dim + self.num_value_heads * self.value_head_dim
+
+
+class CompressedAttnSpec(_Frozen):
+    """DeepSeek-V4 attention (transformers modeling_deepseek_v4.DeepseekV4Attention): shared-KV MQA
+    with one KV head of head_dim, low-rank q, a grouped low-rank output projection, one sink logit per
+    head, and per layer a compressor that pools every compress_ratio tokens into one KV row (CSA layers
+    with overlapping windows and an indexer, HCA layers without)."""
+
+    q_lora_rank: PositiveInt
+    o_groups: PositiveInt
+    o_lora_rank: PositiveInt
+    qk_rope_head_dim: PositiveInt = 64
+
+
+class IndexerSpec(_Frozen):
+    """A sparse-attention indexer: DeepSeek-V3.2 / GLM-5 DSA (one key of head_dim per token, top-k
+    selection) and DeepSeek-V4's lightning indexer on CSA layers (keys of compressed rows)."""
+
+    n_heads: PositiveInt
+    head_dim: PositiveInt
+    topk: PositiveInt
+
+
 class VisionSpec(_Frozen):
     """Llama 4's vision encoder, pixel-shuffle adapter and projector (transformers modeling_llama4)."""
 
+    kind: Literal["llama4"] = "llama4"
     hidden_size: PositiveInt
     intermediate_size: PositiveInt
     num_layers: PositiveInt
@@ -66,6 +128,41 @@ class VisionSpec(_Frozen):
     projector_input_dim: PositiveInt
     projector_output_dim: PositiveInt
     vision_output_dim: PositiveInt
+
+
+class QwenVisionSpec(_Frozen):
+    """The Qwen3-VL / Qwen3.5 vision tower (transformers modeling_qwen3_vl.Qwen3VLVisionModel): a 3-D
+    patch conv, learned positions, ViT blocks, a 2x2 patch merger and one merger per deepstack layer."""
+
+    kind: Literal["qwen3_vl"] = "qwen3_vl"
+    depth: PositiveInt
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    patch_size: PositiveInt
+    temporal_patch_size: PositiveInt = 2
+    in_channels: PositiveInt = 3
+    spatial_merge_size: PositiveInt = 2
+    out_hidden_size: PositiveInt
+    num_position_embeddings: int = Field(0, ge=0)
+    deepstack_layers: int = Field(0, ge=0)
+
+
+class Gemma4VisionSpec(_Frozen):
+    """Gemma 4's vision encoder (transformers modeling_gemma4.Gemma4VisionModel) and its projection
+    into the text model (embed_vision)."""
+
+    kind: Literal["gemma4"] = "gemma4"
+    hidden_size: PositiveInt
+    intermediate_size: PositiveInt
+    num_layers: PositiveInt
+    num_heads: PositiveInt
+    num_kv_heads: PositiveInt
+    head_dim: PositiveInt
+    patch_size: PositiveInt
+    position_embedding_size: PositiveInt
+
+
+AnyVision = Annotated[VisionSpec | QwenVisionSpec | Gemma4VisionSpec, Field(discriminator="kind")]
 
 
 class StoredCheckpoint(_Frozen):
@@ -99,17 +196,22 @@ class ModelSpec(_Frozen):
     num_attention_heads: PositiveInt
     num_kv_heads: PositiveInt
     head_dim: PositiveInt
-    attention: Literal["gqa", "mla"] = "gqa"
+    attention: Literal["gqa", "mla", "compressed"] = "gqa"
     mla: MLASpec | None = None
+    compressed: CompressedAttnSpec | None = None
+    indexer: IndexerSpec | None = None
+    linear: LinearAttnSpec | None = None
     qkv_bias: bool = False
     o_bias: bool = False
     # per_head: RMSNorm over head_dim (Qwen3, GLM-4.5); full: over the projected q and k (OLMoE);
     # l2: weightless L2 norm (Llama 4).
     qk_norm: Literal["none", "per_head", "full", "l2"] = "none"
-    attention_sinks: bool = False  # gpt-oss: one learned logit per head
+    attention_sinks: bool = False  # gpt-oss, DeepSeek-V4: one learned logit per head
+    # Qwen3-Next / Qwen3.5 attn_output_gate: q_proj also emits a sigmoid gate per head (twice as wide).
+    attn_output_gate: bool = False
 
     norm: Literal["rms", "layernorm", "layernorm_nobias"] = "rms"
-    norms_per_layer: PositiveInt = 2  # Grok-1 has four
+    norms_per_layer: PositiveInt = 2  # Grok-1 has four, Gemma 4 MoE seven
 
     layers: tuple[LayerSpec, ...] = Field(min_length=1)
 
@@ -120,23 +222,38 @@ class ModelSpec(_Frozen):
     expert_intermediate_size: int = Field(0, ge=0)
     num_shared_experts: int = Field(0, ge=0)
     shared_expert_intermediate_size: int = Field(0, ge=0)  # total width of all shared experts
-    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(H -> 1) gate on the shared expert
+    shared_expert_gate: bool = False  # Qwen2-MoE / Qwen3-Next: sigmoid(H -> 1) gate on the shared expert
+    # Gemma 4: a dense MLP of this width runs beside the experts in every MoE layer, for every token.
+    moe_dense_intermediate_size: int = Field(0, ge=0)
     router_bias: bool = False
     router_correction_bias: bool = False  # DeepSeek-V3 noaux_tc e_score_correction_bias
+    router_scale: bool = False  # Gemma 4: a learned input scale (H) and a scale per expert (E)
     expert_bias: bool = False  # gpt-oss experts carry biases
-    router_scoring: Literal["softmax", "sigmoid"] = "softmax"
+    router_scoring: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "softmax"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
+    # The dtype the routed experts ship in when it differs from the rest (DeepSeek-V4 expert_dtype: fp4).
+    expert_dtype: str | None = None
+
+    # DeepSeek-V4 manifold-constrained hyper-connections: hc_mult residual streams (1: a plain residual).
+    hc_mult: PositiveInt = 1
+    # Gemma 3n/4 per-layer embeddings: a second table of layers x this width per token.
+    per_layer_input_size: int = Field(0, ge=0)
+    per_layer_input_vocab: int = Field(0, ge=0)
 
     mtp_layers: int = Field(0, ge=0)
+    # The MTP layer's kind where it differs from a full-attention layer (DeepSeek-V4: sliding only).
+    mtp_layer: LayerSpec | None = None
     mamba: MambaSpec | None = None
-    vision: VisionSpec | None = None
+    vision: AnyVision | None = None
 
     dtype: str = "bfloat16"
     # The checkpoint's quantization_config as shipped (DeepSeek fp8 blocks, gpt-oss mxfp4, ...).
     quantization_config: dict[str, Any] | None = None
     # Set only for specs read from the Hub: what the safetensors headers say is stored.
     checkpoint: StoredCheckpoint | None = None
+    # What the reader could not model or chose to leave out, said once (printed by params/memory).
+    notes: tuple[str, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -155,13 +272,24 @@ class ModelSpec(_Frozen):
             raise ValueError("dense FFN layers need dense_intermediate_size > 0")
         if self.attention == "mla" and self.mla is None:
             raise ValueError("attention 'mla' needs the mla sizes")
-        if self.num_attention_heads % self.num_kv_heads:
-            raise ValueError(
-                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
-                f"num_kv_heads ({self.num_kv_heads})"
-            )
-        if any(layer.mixer == "mamba" for layer in self.layers) and self.mamba is None:
+        if self.attention == "compressed" and self.compressed is None:
+            raise ValueError("attention 'compressed' needs the compressed sizes")
+        for layer in self.layers:
+            kv = layer.kv_heads or self.num_kv_heads
+            if self.num_attention_heads % kv:
+                raise ValueError(
+                    f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_kv_heads ({kv})"
+                )
+        kinds = {layer.mixer for layer in self.layers}
+        if "mamba" in kinds and self.mamba is None:
             raise ValueError("mamba layers need the mamba sizes")
+        if "linear" in kinds and self.linear is None:
+            raise ValueError("linear-attention layers need the linear sizes")
+        if "compressed" in kinds and (self.compressed is None or any(
+                layer.compress_ratio is None for layer in self.layers if layer.mixer == "compressed")):
+            raise ValueError("compressed layers need the compressed sizes and a compress_ratio each")
+        if any(layer.indexer for layer in self.layers) and self.indexer is None:
+            raise ValueError("indexer layers need the indexer sizes")
         return self
 
     # Derived views, so no caller re-derives them.
@@ -176,6 +304,11 @@ class ModelSpec(_Frozen):
     @property
     def is_moe(self) -> bool:
         return self.num_moe_layers > 0
+
+    @property
+    def mtp_layer_spec(self) -> LayerSpec:
+        """What one MTP layer is: a full-attention decoder layer unless the reader said otherwise."""
+        return self.mtp_layer or LayerSpec(mixer="full", ffn="moe" if self.is_moe else "dense")
 
     @property
     def checkpoint_quant(self) -> str | None:
@@ -193,9 +326,14 @@ class ModelSpec(_Frozen):
 SUPPORTED_MODEL_TYPES = (
     "mixtral", "qwen2_moe", "qwen3_moe", "deepseek", "deepseek_v2", "deepseek_v3", "kimi_k2",
     "olmoe", "dbrx", "phimoe", "gpt_oss", "llama4", "glm4_moe", "granitemoe", "granitemoeshared",
-    "hunyuan_v1_moe", "jamba",
+    "hunyuan_v1_moe", "jamba", "qwen3_next", "qwen3_5_moe", "gemma4", "deepseek_v4", "deepseek_v32",
+    "glm_moe_dsa", "minimax_m2",
 )  # fmt: skip
-
+# Multimodal wrappers whose text model sits in text_config (transformers *ForConditionalGeneration).
+WRAPPER_MODEL_TYPES = (
+    "llama4", "qwen3_5_moe", "qwen3_5", "qwen3_vl", "qwen3_vl_moe", "gemma4", "gemma3", "mistral3",
+    "llava", "glm4v_moe",
+)  # fmt: skip
 
 class _Cfg:
     """Looks up config keys with aliases and records what was missing, for one clear error."""
@@ -270,33 +408,66 @@ def spec_from_config(
         raise ConfigError(f"{name}: config.json must be a JSON object, got {type(raw).__name__}")
     label = f"config for {name}"
     model_type = str(raw.get("model_type") or "").lower()
-    vision: VisionSpec | None = None
-    if model_type == "llama4" and isinstance(raw.get("text_config"), dict):
-        # NOTE: Llama 4 wraps the text model in a multimodal config; engines load the vision tower too.
-        vision = _llama4_vision(raw.get("vision_config"), raw["text_config"], label)
-        text = dict(raw["text_config"])
-        text.setdefault("torch_dtype", raw.get("torch_dtype"))
-        text.setdefault("quantization_config", raw.get("quantization_config"))
-        raw = text
-    cfg = _Cfg(raw, label)
+    text, family, vision, notes = _unwrap(raw, model_type, label)
+    cfg = _Cfg(text, label)
     try:
-        fields = _read_common(cfg, model_type)
+        fields = _read_common(cfg, family)
     except (ValueError, TypeError) as exc:
         # pydantic's ValidationError is a ValueError; int() of a string or list raises either.
         detail = first_error(exc) if isinstance(exc, ValueError) else str(exc)
         raise ConfigError(f"{label}: {detail}; fix the config") from None
     except _Missing as missing:
-        needed = _missing_keys(cfg, model_type)
+        needed = _missing_keys(cfg, family)
         keys = ", ".join(needed) if needed else missing.key
         raise ConfigError(
             f"{label}: missing {keys} (model_type {model_type or 'unset'!r}); "
             "add them to the config or write a model card"
         ) from None
     fields["vision"] = vision
+    fields["notes"] = tuple(notes) + tuple(fields.get("notes", ()))
     try:
         return ModelSpec(name=name, hub_id=hub_id, source=source, model_type=model_type or "custom", **fields)
     except ValueError as exc:
         raise ConfigError(f"{label}: {first_error(exc)}") from None
+
+
+def _unwrap(
+    raw: dict[str, Any], model_type: str, label: str
+) -> tuple[dict[str, Any], str, VisionSpec | QwenVisionSpec | Gemma4VisionSpec | None, list[str]]:
+    """A multimodal wrapper's text model, its family name and its vision tower.
+
+    NOTE: Llama 4, Qwen3.5/3.6 and Gemma 4 ship *ForConditionalGeneration configs whose text model
+    sits in text_config; engines load the vision tower beside it, so it is counted as its own
+    component. The family is the text model's type without its `_text` suffix."""
+    text_config = raw.get("text_config")
+    if text_config is None:
+        arch = " ".join(str(a) for a in raw.get("architectures") or [] if isinstance(a, str))
+        if "hidden_size" not in raw and (model_type in WRAPPER_MODEL_TYPES or "ForConditionalGeneration" in arch):
+            raise ConfigError(
+                f"{label}: a multimodal wrapper (model_type {model_type!r}) without a text_config; "
+                "give the config.json that holds text_config, or the text model's own config"
+            )
+        return raw, model_type.removesuffix("_text"), None, []
+    if not isinstance(text_config, dict):
+        raise ConfigError(f"{label}: 'text_config' must be an object, got {text_config!r}; fix the config")
+    text = dict(text_config)
+    # The wrapper holds what the text model inherits: dtype, the checkpoint's quantization, tying.
+    for key in ("torch_dtype", "dtype", "quantization_config", "tie_word_embeddings"):
+        if text.get(key) is None and raw.get(key) is not None:
+            text[key] = raw[key]
+    inner = str(text.get("model_type") or model_type).lower()
+    family = inner.removesuffix("_text") or model_type
+    notes: list[str] = []
+    vc = raw.get("vision_config")
+    vision: VisionSpec | QwenVisionSpec | Gemma4VisionSpec | None = None
+    if family == "llama4" or model_type == "llama4":
+        family = "llama4"
+        vision = _llama4_vision(vc, text, label)
+    elif isinstance(vc, dict):
+        vision = _wrapped_vision(vc, family, text, label)
+        if vision is None:
+            notes.append(f"vision tower not counted: vision_config ({vc.get('model_type', 'unknown')}) gives no sizes")
+    return text, family, vision, notes
 
 
 def first_error(exc: ValueError) -> str:
@@ -316,7 +487,8 @@ _COMMON_REQUIRED = {
     "vocab_size": ("vocab_size", "padded_vocab_size"),
 }
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts", "ffn_config.moe_num_experts")
-_TOPK_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_top_k", "moe_topk", "ffn_config.moe_top_k")
+_TOPK_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_top_k", "moe_topk", "top_k_experts",
+              "ffn_config.moe_top_k")
 
 
 def _missing_keys(cfg: _Cfg, model_type: str) -> list[str]:
@@ -335,6 +507,18 @@ def _scalar(value: Any) -> Any:
     if isinstance(value, list):
         return value[0] if value else None
     return value
+
+
+# layer_types entries -> (mixer, extra LayerSpec fields). Sources: transformers configuration_<type>.py.
+_LAYER_KINDS: dict[str, tuple[Mixer, dict[str, Any]]] = {
+    "full_attention": ("full", {}),
+    "sliding_attention": ("sliding", {}),
+    "chunked_attention": ("chunked", {}),
+    "linear_attention": ("linear", {}),  # Gated DeltaNet (qwen3_next, qwen3_5_moe)
+    "indexed_attention": ("full", {"indexer": True}),  # GLM-5 DSA
+    "compressed_sparse_attention": ("compressed", {"indexer": True}),  # DeepSeek-V4 CSA
+    "heavily_compressed_attention": ("compressed", {}),  # DeepSeek-V4 HCA
+}
 
 
 def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
@@ -375,13 +559,22 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
     n_experts = _whole(_scalar(cfg.get(*_EXPERT_KEYS, default=0)) or 0, cfg.which(*_EXPERT_KEYS), label, 0)
     if is_jamba and n_experts == 0:
         n_experts = 16  # transformers JambaConfig default
-    topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), cfg.which(*_TOPK_KEYS), label, 1)
+    if model_type == "gemma4" and not cfg.get("enable_moe_block", default=False):
+        n_experts = 0  # Gemma 4 dense sizes (E2B, E4B, 31B): no expert block
     attn_bias = bool(cfg.get("attention_bias", default=False))
-
-    # Expert FFN width. NOTE: Mixtral-style configs reuse intermediate_size for the experts.
-    expert_inter_key = ("moe_intermediate_size", "ffn_config.ffn_hidden_size", "intermediate_size")
-    expert_inter = _positive_int(_scalar(cfg.need(*expert_inter_key)), "moe_intermediate_size", label)
     dense_inter = int(_scalar(cfg.get("intermediate_size", default=0)) or 0)
+    if n_experts:
+        topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), cfg.which(*_TOPK_KEYS), label, 1)
+        # Expert FFN width. NOTE: Mixtral-style configs reuse intermediate_size for the experts.
+        expert_inter_key = ("moe_intermediate_size", "ffn_config.ffn_hidden_size", "intermediate_size")
+        expert_inter = _positive_int(_scalar(cfg.need(*expert_inter_key)), "moe_intermediate_size", label)
+    elif model_type == "gemma4":
+        topk, expert_inter = 0, 0
+        _positive_int(cfg.need("intermediate_size"), "intermediate_size", label)
+    else:
+        topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), cfg.which(*_TOPK_KEYS), label, 1)
+        expert_inter = _positive_int(_scalar(cfg.need("moe_intermediate_size", "ffn_config.ffn_hidden_size",
+                                                      "intermediate_size")), "moe_intermediate_size", label)
 
     f.update(
         num_experts=n_experts,
@@ -413,34 +606,39 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
             return "moe" if i % step == 0 else "dense"
         return "moe" if (i + 1) % step == 0 else "dense"  # Qwen2/3-MoE decoder_sparse_step
 
-    mixers: list[tuple[Mixer, int | None]] = [("full", None)] * n_layers
-    window = cfg.get("sliding_window")
-    use_sliding = cfg.get("use_sliding_window", default=True)
-    layer_types = cfg.get("layer_types")
-    if isinstance(layer_types, list) and len(layer_types) == n_layers:
-        # gpt-oss: explicit per-layer attention kinds.
-        mixers = [("sliding", int(window)) if t == "sliding_attention" else ("full", None) for t in layer_types]
-    elif window and use_sliding and model_type not in ("qwen2_moe", "qwen3_moe"):
+    mixers: list[tuple[Mixer, int | None, dict[str, Any]]] = [("full", None, {})] * n_layers
+    window = _window(cfg.get("sliding_window"), label)
+    use_sliding = _flag(cfg.get("use_sliding_window", default=True), "use_sliding_window", label)
+    layer_types = _layer_types(cfg, model_type, n_layers, label)
+    if layer_types is not None:
+        mixers = []
+        for i, kind in enumerate(layer_types):
+            mixer, extra = _LAYER_KINDS[kind]
+            if mixer == "sliding" and window is None:
+                raise ConfigError(f"{label}: layer_types[{i}] is {kind!r} but the config has no sliding_window")
+            mixers.append((mixer, window if mixer in ("sliding", "compressed") else None, dict(extra)))
+    elif window and use_sliding and model_type not in ("qwen2_moe", "qwen3_moe", "qwen3_next", "qwen3_5_moe"):
         # Mixtral/Phi-3.5-MoE style: one window on every layer (Qwen's max_window_layers logic is
         # only active when use_sliding_window is true).
-        mixers = [("sliding", int(window))] * n_layers
+        mixers = [("sliding", window, {})] * n_layers
     if model_type == "llama4":
         chunk = cfg.get("attention_chunk_size")
         no_rope = cfg.get("no_rope_layers")
-        interval = int(cfg.get("no_rope_layer_interval", default=4))
+        interval = _positive_int(cfg.get("no_rope_layer_interval", default=4), "no_rope_layer_interval", label)
         if not isinstance(no_rope, list) or len(no_rope) != n_layers:
             # transformers Llama4TextConfig: every 4th layer is NoPE with global attention.
             no_rope = [int((i + 1) % interval != 0) for i in range(n_layers)]
         if chunk:
-            mixers = [("chunked", int(chunk)) if use_rope else ("full", None) for use_rope in no_rope]
+            chunk = _positive_int(chunk, "attention_chunk_size", label)
+            mixers = [("chunked", chunk, {}) if use_rope else ("full", None, {}) for use_rope in no_rope]
 
     ffns = [ffn_kind(i) for i in range(n_layers)]
     if is_jamba:
-        a_period = int(cfg.get("attn_layer_period", default=8))
-        a_offset = int(cfg.get("attn_layer_offset", default=4))
-        e_period = int(cfg.get("expert_layer_period", default=2))
-        e_offset = int(cfg.get("expert_layer_offset", default=1))
-        mixers = [("full", None) if i % a_period == a_offset else ("mamba", None) for i in range(n_layers)]
+        a_period = _positive_int(cfg.get("attn_layer_period", default=8), "attn_layer_period", label)
+        a_offset = _whole(cfg.get("attn_layer_offset", default=4), "attn_layer_offset", label, 0)
+        e_period = _positive_int(cfg.get("expert_layer_period", default=2), "expert_layer_period", label)
+        e_offset = _whole(cfg.get("expert_layer_offset", default=1), "expert_layer_offset", label, 0)
+        mixers = [("full", None, {}) if i % a_period == a_offset else ("mamba", None, {}) for i in range(n_layers)]
         ffns = ["moe" if i % e_period == e_offset else "dense" for i in range(n_layers)]
         f["expert_intermediate_size"] = dense_inter
         f["mamba"] = MambaSpec(
@@ -453,16 +651,93 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
         )
     if n_experts == 0:
         ffns = ["dense"] * n_layers
-    f["layers"] = tuple(LayerSpec(mixer=m, window=w, ffn=x) for (m, w), x in zip(mixers, ffns))
+    f["layers"] = [dict(mixer=m, window=w, ffn=x, **extra) for (m, w, extra), x in zip(mixers, ffns)]
 
     _family(cfg, model_type, f)
+    f["layers"] = tuple(LayerSpec(**layer) for layer in f["layers"])
     return f
+
+
+def _window(value: Any, label: str) -> int | None:
+    if value is None or value is False:
+        return None
+    return _positive_int(value, "sliding_window", label)
+
+
+def _flag(value: Any, key: str, label: str) -> bool:
+    """A JSON boolean; a string such as "false" is refused rather than read as true."""
+    if isinstance(value, bool):
+        return value
+    if value in (0, 1) and not isinstance(value, float):
+        return bool(value)
+    raise ConfigError(f"{label}: '{key}' must be true or false, got {value!r}; fix the config")
+
+
+def _layer_types(cfg: _Cfg, model_type: str, n_layers: int, label: str) -> list[str] | None:
+    """The per-layer attention kinds: `layer_types`, else the family's schedule key, else None."""
+    raw = cfg.get("layer_types")
+    mtp = int(cfg.get("num_nextn_predict_layers", default=0) or 0) if model_type == "deepseek_v4" else 0
+    if raw is None and model_type == "deepseek_v4" and cfg.get("compress_ratios") is not None:
+        raw = _compress_ratio_types(cfg, n_layers + mtp, label)
+    if raw is None and model_type in ("qwen3_next", "qwen3_5_moe", "qwen3_5"):
+        # transformers Qwen3NextConfig: layer i is full attention iff (i + 1) % interval == 0.
+        interval = _positive_int(cfg.get("full_attention_interval", default=4), "full_attention_interval", label)
+        raw = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(n_layers)]
+    if raw is None and model_type == "deepseek_v4":
+        # transformers DeepseekV4Config default: two HCA layers, then CSA/HCA interleaved.
+        raw = ["heavily_compressed_attention"] * min(n_layers, 2) + [
+            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(n_layers - 2)]
+    if raw is None:
+        return None
+    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+        raise ConfigError(f"{label}: 'layer_types' must be a list of names, got {raw!r}; fix the config")
+    # DeepSeek-V4 lists its MTP layer after the decoder layers (transformers keeps the first n).
+    if len(raw) not in (n_layers, n_layers + mtp):
+        raise ConfigError(
+            f"{label}: layer_types has {len(raw)} entries for {n_layers} layers"
+            + (f" (+{mtp} MTP)" if mtp else "") + "; fix the config"
+        )
+    for i, kind in enumerate(raw):
+        if kind not in _LAYER_KINDS:
+            raise ConfigError(
+                f"{label}: unknown layer kind {kind!r} at layer_types[{i}]; moeplan knows "
+                f"{', '.join(_LAYER_KINDS)}"
+            )
+    return raw[:n_layers] if len(raw) > n_layers else raw
+
+
+def _compress_ratio_types(cfg: _Cfg, expected: int, label: str) -> list[str]:
+    """DeepSeek-V4's legacy compress_ratios (0: sliding only, else the CSA or HCA rate) as layer kinds."""
+    ratios = cfg.get("compress_ratios")
+    n = int(cfg.get("num_hidden_layers") or 0)
+    if not isinstance(ratios, list) or len(ratios) not in (n, expected):
+        size = len(ratios) if isinstance(ratios, list) else ratios
+        raise ConfigError(
+            f"{label}: compress_ratios has {size} entries for {n} layers (+{expected - n} MTP); fix the config"
+        )
+    rates = cfg.get("compress_rates") or {}
+    csa = _positive_int(rates.get("compressed_sparse_attention", cfg.get("compress_rate_csa", default=4)),
+                        "compress_rate_csa", label)
+    hca = _positive_int(rates.get("heavily_compressed_attention", cfg.get("compress_rate_hca", default=128)),
+                        "compress_rate_hca", label)
+    names = {0: "sliding_attention", csa: "compressed_sparse_attention", hca: "heavily_compressed_attention"}
+    out = []
+    for i, r in enumerate(ratios):
+        if not _is_whole(r) or int(r) not in names:
+            raise ConfigError(
+                f"{label}: compress_ratios[{i}] is {r!r}; DeepSeek-V4 layers take 0 (sliding only), "
+                f"{csa} (CSA) or {hca} (HCA)"
+            )
+        out.append(names[int(r)])
+    return out
 
 
 def _family(cfg: _Cfg, model_type: str, f: dict[str, Any]) -> None:
     """What each family adds on top of the common keys. Sources: transformers modeling_<type>.py."""
     get = cfg.get
-    if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2") or get("kv_lora_rank"):
+    label = cfg.label
+    if model_type in ("deepseek_v2", "deepseek_v3", "kimi_k2", "deepseek_v32", "glm_moe_dsa") or (
+            get("kv_lora_rank") and model_type != "deepseek_v4"):
         f["attention"] = "mla"
         f["mla"] = MLASpec(
             q_lora_rank=get("q_lora_rank"),
@@ -472,23 +747,42 @@ def _family(cfg: _Cfg, model_type: str, f: dict[str, Any]) -> None:
             v_head_dim=cfg.need("v_head_dim"),
         )
         f["head_dim"] = f["mla"].qk_nope_head_dim + f["mla"].qk_rope_head_dim
-    if model_type in ("deepseek", "deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe"):
+    if model_type in ("deepseek_v32", "glm_moe_dsa"):
+        _dsa_indexer(cfg, f)
+    if model_type in ("deepseek", "deepseek_v2", "deepseek_v3", "kimi_k2", "glm4_moe", "deepseek_v32", "glm_moe_dsa",
+                      "deepseek_v4"):
         n_shared = int(get("n_shared_experts", default=0) or 0)
         f["num_shared_experts"] = n_shared
         f["shared_expert_intermediate_size"] = n_shared * f["expert_intermediate_size"]
         f["o_bias"] = False
         f["router_scoring"] = str(get("scoring_func", default="softmax"))
-        f["router_correction_bias"] = get("topk_method") == "noaux_tc" or model_type == "glm4_moe"
+        # transformers' DeepSeek-V3.2 and GLM routers always store e_score_correction_bias.
+        f["router_correction_bias"] = get("topk_method") == "noaux_tc" or model_type in (
+            "glm4_moe", "glm_moe_dsa", "deepseek_v32")
         f["mtp_layers"] = int(get("num_nextn_predict_layers", default=0) or 0)
-        if model_type == "glm4_moe":
+        if model_type in ("glm4_moe", "glm_moe_dsa"):
             f["router_scoring"] = "sigmoid"
+        if model_type == "glm4_moe":
             f["qk_norm"] = "per_head" if get("use_qk_norm", default=False) else "none"
+        if model_type == "deepseek_v4":
+            _deepseek_v4(cfg, f)
     elif model_type == "qwen2_moe":
         width = int(get("shared_expert_intermediate_size", default=0) or 0)
         f.update(num_shared_experts=1 if width else 0, shared_expert_intermediate_size=width)
         f.update(shared_expert_gate=bool(width), qkv_bias=True, o_bias=False)
     elif model_type == "qwen3_moe":
         f.update(qk_norm="per_head", o_bias=False)
+    elif model_type in ("qwen3_next", "qwen3_5_moe", "qwen3_5"):
+        _qwen3_next(cfg, f, model_type)
+    elif model_type == "gemma4":
+        _gemma4(cfg, f)
+    elif model_type == "minimax_m2":
+        # transformers MiniMaxM2: q_norm/k_norm over all heads (qk_norm_type per_layer), sigmoid router
+        # with e_score_correction_bias (use_routing_bias); MTP modules apart.
+        full = get("use_qk_norm", default=True) and get("qk_norm_type", default="per_layer") == "per_layer"
+        f.update(qk_norm="full" if full else "per_head", router_scoring="sigmoid",
+                 router_correction_bias=bool(get("use_routing_bias", default=True)), o_bias=False)
+        f["mtp_layers"] = _whole(get("num_mtp_modules", default=0) or 0, "num_mtp_modules", label, 0)
     elif model_type == "olmoe":
         f.update(qk_norm="full", expert_intermediate_size=f["dense_intermediate_size"])
     elif model_type == "dbrx":
@@ -516,6 +810,167 @@ def _family(cfg: _Cfg, model_type: str, f: dict[str, Any]) -> None:
         f["norms_per_layer"] = 4
     elif model_type in ("mixtral",):
         pass
+    # MTP under the newer keys (Qwen3.5/3.6 mtp_num_hidden_layers; GLM-5 num_nextn_predict_layers).
+    if not f.get("mtp_layers"):
+        mtp = get("mtp_num_hidden_layers", "num_nextn_predict_layers", default=0) or 0
+        f["mtp_layers"] = _whole(mtp, cfg.which("mtp_num_hidden_layers", "num_nextn_predict_layers"), label, 0)
+
+
+def _dsa_indexer(cfg: _Cfg, f: dict[str, Any]) -> None:
+    """DeepSeek-V3.2 / GLM-5 DSA: an indexer (wq_b, wk, k LayerNorm, weights_proj) on each layer whose
+    indexer_types entry is "full"; "shared" layers reuse the previous top-k (transformers glm_moe_dsa)."""
+    label = cfg.label
+    f["indexer"] = IndexerSpec(
+        n_heads=_positive_int(cfg.need("index_n_heads"), "index_n_heads", label),
+        head_dim=_positive_int(cfg.need("index_head_dim"), "index_head_dim", label),
+        topk=_positive_int(cfg.need("index_topk"), "index_topk", label),
+    )
+    n = len(f["layers"])
+    kinds = cfg.get("indexer_types")
+    if kinds is None:
+        pattern = cfg.get("index_topk_pattern")
+        if isinstance(pattern, str):
+            kinds = [{"F": "full", "S": "shared"}.get(c, c) for c in pattern]
+        else:
+            freq = max(int(cfg.get("index_topk_freq", default=1) or 1), 1)
+            offset = int(cfg.get("index_skip_topk_offset", default=2) or 0)
+            kinds = ["full" if max(i - offset + 1, 0) % freq == 0 else "shared" for i in range(n)]
+    if not isinstance(kinds, list) or len(kinds) != n or any(k not in ("full", "shared") for k in kinds):
+        raise ConfigError(f"{label}: indexer_types must list 'full' or 'shared' for each of the {n} layers")
+    for layer, kind in zip(f["layers"], kinds):
+        layer["indexer"] = kind == "full"
+
+
+def _deepseek_v4(cfg: _Cfg, f: dict[str, Any]) -> None:
+    """DeepSeek-V4 (transformers modeling_deepseek_v4; DeepSeek-V4 tech report section 2): compressed
+    MQA, hash-routed first layers, hyper-connections and FP4 experts."""
+    label = cfg.label
+    get = cfg.get
+    f["attention"] = "compressed"
+    f["attention_sinks"] = True
+    f["num_kv_heads"] = 1  # shared-KV MQA
+    f["compressed"] = CompressedAttnSpec(
+        q_lora_rank=_positive_int(cfg.need("q_lora_rank"), "q_lora_rank", label),
+        o_groups=_positive_int(cfg.need("o_groups"), "o_groups", label),
+        o_lora_rank=_positive_int(cfg.need("o_lora_rank"), "o_lora_rank", label),
+        qk_rope_head_dim=_positive_int(get("qk_rope_head_dim", default=64), "qk_rope_head_dim", label),
+    )
+    if f["num_attention_heads"] % f["compressed"].o_groups:
+        raise ConfigError(f"{label}: num_attention_heads ({f['num_attention_heads']}) must be a multiple of "
+                          f"o_groups ({f['compressed'].o_groups})")
+    if any(layer.get("indexer") for layer in f["layers"]):
+        f["indexer"] = IndexerSpec(
+            n_heads=_positive_int(cfg.need("index_n_heads"), "index_n_heads", label),
+            head_dim=_positive_int(cfg.need("index_head_dim"), "index_head_dim", label),
+            topk=_positive_int(cfg.need("index_topk"), "index_topk", label),
+        )
+    rates = get("compress_rates") or {}
+    csa = int(rates.get("compressed_sparse_attention", get("compress_rate_csa", default=4)))
+    hca = int(rates.get("heavily_compressed_attention", get("compress_rate_hca", default=128)))
+    window = f["layers"][0]["window"] if f["layers"] else None
+    if window is None:
+        window = _positive_int(cfg.need("sliding_window"), "sliding_window", label)
+    for layer in f["layers"]:
+        layer["window"] = window
+        if layer["mixer"] == "compressed":
+            layer["compress_ratio"] = csa if layer.get("indexer") else hca
+    n_hash = get("num_hash_layers")
+    mlp_types = get("mlp_layer_types")
+    if isinstance(mlp_types, list):
+        if len(mlp_types) < len(f["layers"]) or any(t not in ("hash_moe", "moe") for t in mlp_types):
+            raise ConfigError(f"{label}: mlp_layer_types must list 'hash_moe' or 'moe' for every layer")
+        hashed = [t == "hash_moe" for t in mlp_types[: len(f["layers"])]]
+    else:
+        k = _whole(3 if n_hash is None else n_hash, "num_hash_layers", label, 0)  # transformers default 3
+        hashed = [i < k for i in range(len(f["layers"]))]
+    for layer, h in zip(f["layers"], hashed):
+        layer["hash_routed"] = h
+    f["hc_mult"] = _positive_int(get("hc_mult", default=1), "hc_mult", label)
+    expert_dtype = get("expert_dtype", "quantization_config.expert_dtype")
+    f["expert_dtype"] = str(expert_dtype).lower() if expert_dtype else None
+    # The MTP layer: compress_ratios' entry after the decoder layers (0: sliding only, as Pro ships it).
+    ratios = get("compress_ratios")
+    extra = ratios[len(f["layers"])] if isinstance(ratios, list) and len(ratios) > len(f["layers"]) else 0
+    f["mtp_layer"] = LayerSpec(mixer="sliding" if not extra else "compressed", window=window,
+                               compress_ratio=extra or None, indexer=extra == csa, ffn="moe")
+    # noaux_tc's correction bias sits on the top-k routers only; the hash layers' gate has none.
+    f["router_correction_bias"] = get("topk_method", default="noaux_tc") == "noaux_tc"
+
+
+def _qwen3_next(cfg: _Cfg, f: dict[str, Any], model_type: str) -> None:
+    """Qwen3-Next / Qwen3.5 / Qwen3.6 (transformers modeling_qwen3_next, modeling_qwen3_5_moe): Gated
+    DeltaNet linear attention on 3 of 4 layers, gated full attention with per-head q/k norms on the
+    rest, and a shared expert behind a sigmoid gate."""
+    label = cfg.label
+    get = cfg.get
+    f["linear"] = LinearAttnSpec(
+        num_key_heads=_positive_int(cfg.need("linear_num_key_heads"), "linear_num_key_heads", label),
+        num_value_heads=_positive_int(cfg.need("linear_num_value_heads"), "linear_num_value_heads", label),
+        key_head_dim=_positive_int(cfg.need("linear_key_head_dim"), "linear_key_head_dim", label),
+        value_head_dim=_positive_int(cfg.need("linear_value_head_dim"), "linear_value_head_dim", label),
+        conv_kernel=_positive_int(get("linear_conv_kernel_dim", default=4), "linear_conv_kernel_dim", label),
+        ssm_state_bytes=_dtype_bytes(get("mamba_ssm_dtype", default="float32"), "mamba_ssm_dtype", label),
+        conv_state_bytes=_dtype_bytes(get("torch_dtype", "dtype", default="bfloat16"), "dtype", label),
+    )
+    # NOTE: Qwen3-Next configs carry no attn_output_gate key; its attention always gates (q_proj 2x).
+    gate = get("attn_output_gate", default=True)
+    f["attn_output_gate"] = _flag(gate, "attn_output_gate", label)
+    width = _whole(get("shared_expert_intermediate_size", default=0) or 0, "shared_expert_intermediate_size",
+                   label, 0)
+    f.update(num_shared_experts=1 if width else 0, shared_expert_intermediate_size=width,
+             shared_expert_gate=bool(width), qk_norm="per_head", o_bias=False)
+    if model_type == "qwen3_next" and get("num_nextn_predict_layers", "mtp_num_hidden_layers") is None:
+        # NOTE: Qwen3-Next checkpoints ship one MTP layer (mtp.* tensors; vLLM's qwen3_next_mtp) that
+        # the config does not name.
+        f["mtp_layers"] = 1
+
+
+def _dtype_bytes(value: Any, key: str, label: str) -> float:
+    sizes = {"float32": 4.0, "fp32": 4.0, "float": 4.0, "bfloat16": 2.0, "bf16": 2.0, "float16": 2.0, "fp16": 2.0,
+             "half": 2.0}
+    key_name = str(value).replace("torch.", "").lower()
+    if key_name not in sizes:
+        raise ConfigError(f"{label}: '{key}' {value!r} is not a dtype moeplan knows (float32, bfloat16, float16)")
+    return sizes[key_name]
+
+
+def _gemma4(cfg: _Cfg, f: dict[str, Any]) -> None:
+    """Gemma 4 (transformers modeling_gemma4.Gemma4TextModel): per-head q/k norms, global layers with
+    their own KV heads and head_dim (K = V under attention_k_eq_v), KV-shared tail layers, per-layer
+    embeddings, and in the MoE sizes a dense MLP beside 128 experts with a scaled router."""
+    label = cfg.label
+    get = cfg.get
+    f.update(qk_norm="per_head", o_bias=False, router_scoring="softmax")
+    k_eq_v = _flag(get("attention_k_eq_v", default=False), "attention_k_eq_v", label)
+    global_dim = _positive_int(get("global_head_dim", default=512), "global_head_dim", label)
+    global_kv = get("num_global_key_value_heads")
+    global_kv = _positive_int(global_kv, "num_global_key_value_heads", label) if global_kv and k_eq_v else None
+    n = len(f["layers"])
+    shared = _whole(get("num_kv_shared_layers", default=0) or 0, "num_kv_shared_layers", label, 0)
+    if shared >= n:
+        raise ConfigError(f"{label}: num_kv_shared_layers ({shared}) must be below num_hidden_layers ({n})")
+    wide = _flag(get("use_double_wide_mlp", default=False), "use_double_wide_mlp", label)
+    for i, layer in enumerate(f["layers"]):
+        if layer["mixer"] == "full":
+            # transformers Gemma4TextConfig per_layer_config: full layers take global_head_dim, and
+            # num_global_key_value_heads when attention_k_eq_v is set.
+            layer.update(head_dim=global_dim, kv_heads=global_kv, k_eq_v=k_eq_v)
+        if i >= n - shared:
+            layer["kv_shared"] = True
+            if wide and f["dense_intermediate_size"]:
+                layer["dense_intermediate_size"] = 2 * f["dense_intermediate_size"]
+    ple = _whole(get("hidden_size_per_layer_input", default=0) or 0, "hidden_size_per_layer_input", label, 0)
+    if ple:
+        f["per_layer_input_size"] = ple
+        f["per_layer_input_vocab"] = _positive_int(get("vocab_size_per_layer_input", default=f["vocab_size"]),
+                                                   "vocab_size_per_layer_input", label)
+    # input, post-attention, pre- and post-feedforward norms; the MoE block adds three more, per-layer
+    # inputs one (post_per_layer_input_norm).
+    f["norms_per_layer"] = 4 + (3 if f["num_experts"] else 0) + (1 if ple else 0)
+    if f["num_experts"]:
+        f["moe_dense_intermediate_size"] = f["dense_intermediate_size"]
+        f["router_scale"] = True
+    f["tie_word_embeddings"] = bool(get("tie_word_embeddings", default=True))
 
 
 def _llama4_vision(vc: Any, text: dict[str, Any], label: str) -> VisionSpec | None:
@@ -536,3 +991,32 @@ def _llama4_vision(vc: Any, text: dict[str, Any], label: str) -> VisionSpec | No
         )
     except (KeyError, ValueError) as exc:
         raise ConfigError(f"{label}: vision_config is incomplete ({exc}); fix the config") from None
+
+
+def _wrapped_vision(
+    vc: dict[str, Any], family: str, text: dict[str, Any], label: str
+) -> QwenVisionSpec | Gemma4VisionSpec | None:
+    """The vision tower of a Qwen3.5/3.6/Qwen3-VL or Gemma 4 wrapper; None when the config gives no
+    sizes (a vision_config cut to its model_type says nothing to count)."""
+    try:
+        if "depth" in vc and family.startswith(("qwen3_5", "qwen3_vl")):
+            return QwenVisionSpec(
+                depth=vc["depth"], hidden_size=vc["hidden_size"], intermediate_size=vc["intermediate_size"],
+                patch_size=vc["patch_size"], temporal_patch_size=vc.get("temporal_patch_size", 2),
+                in_channels=vc.get("in_channels", 3), spatial_merge_size=vc.get("spatial_merge_size", 2),
+                out_hidden_size=vc.get("out_hidden_size", text.get("hidden_size")),
+                num_position_embeddings=vc.get("num_position_embeddings", 0),
+                deepstack_layers=len(vc.get("deepstack_visual_indexes") or []),
+            )  # fmt: skip
+        if family == "gemma4" and "hidden_size" in vc:
+            heads = vc.get("num_attention_heads", 12)
+            return Gemma4VisionSpec(
+                hidden_size=vc["hidden_size"], intermediate_size=vc["intermediate_size"],
+                num_layers=vc["num_hidden_layers"], num_heads=heads, num_kv_heads=vc.get("num_key_value_heads", heads),
+                head_dim=vc.get("head_dim", vc["hidden_size"] // heads), patch_size=vc.get("patch_size", 16),
+                position_embedding_size=vc.get("position_embedding_size", 10 * 1024),
+            )  # fmt: skip
+    except (KeyError, ValueError, TypeError) as exc:
+        detail = first_error(exc) if hasattr(exc, "errors") else str(exc)
+        raise ConfigError(f"{label}: vision_config is incomplete ({detail}); fix the config") from None
+    return None
