@@ -48,7 +48,8 @@ def weight_bytes(spec: ModelSpec, scheme: QuantScheme) -> Weights:
     """Bytes per component; each component rounded up to whole bytes."""
     count = count_params(spec)
     scheme = scheme.for_model(spec)
-    parts = {c.name: math.ceil(c.total * scheme.bits_for(c.name) / 8) for c in count.components}
+    parts = {c.name: math.ceil(c.total * scheme.bits_for(c.name) / 8) for c in count.components
+             if scheme.bits_for(c.name)}
     return Weights(quant=scheme.name, by_component=parts, total=sum(parts.values()))
 
 
@@ -95,6 +96,10 @@ def activation_bytes(
     else:
         coeff = _DENSE_ACT_COEFF
     hidden = 2 * tokens * spec.hidden_size * coeff * dtype_bytes / 2
+    if spec.hc_mult > 1:
+        # DeepSeek-V4 mHC carries hc_mult residual streams of H ([B, S, N, D] in transformers
+        # DeepseekV4HyperConnection): the extra streams in and out of the layer.
+        hidden += 2 * (spec.hc_mult - 1) * tokens * spec.hidden_size * dtype_bytes
     if per_layer or not logits:
         return math.ceil(hidden)
     logits = tokens * spec.vocab_size * 4  # fp32 logits, full vocab on every rank

@@ -222,6 +222,9 @@ def fit(
     schemes = usable
     if context > context_limit(spec):
         notes.append(f"context {context:,} exceeds the model's max_position_embeddings ({context_limit(spec):,})")
+    if spec.vision is not None and any(s.gguf for s in schemes):
+        notes.append("GGUF plans hold the text model only: llama.cpp loads the vision tower from its mmproj file "
+                     f"with --mmproj ({vision_params(spec) * 2 / 1e9:,.2f} GB at f16 more)")
     if any(g.generic for g in gpus):
         notes.append(next(g.source for g in gpus if g.generic))
     verdicts: list[QuantVerdict] = []

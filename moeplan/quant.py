@@ -85,12 +85,16 @@ _KEEP_16 = {EMBEDDING: 16.0, PER_LAYER_EMBEDDING: 16.0, LM_HEAD: 16.0, ROUTER: 1
             HYPER_CONNECTIONS: 32.0}
 
 
+# NOTE: a GGUF holds the text model only; llama.cpp loads a vision tower from its own mmproj file,
+# and only with --mmproj, so GGUF plans carry no vision weights (VISION: 0 bits).
+
+
 def _gguf(name: str, desc: str, **mix: object) -> QuantScheme:
     """A llama.cpp mixture; its per-component bits depend on the model (see for_model)."""
     base = str(mix["gate_up"])
     return QuantScheme(
         name=name, description=desc, bits=ggml_bpw(base), gguf=True, engines=("llamacpp",), gguf_mix=mix,
-        component_bits={ROUTER: 32.0, NORMS: 32.0, VISION: 16.0, HYPER_CONNECTIONS: 32.0},
+        component_bits={ROUTER: 32.0, NORMS: 32.0, VISION: 0.0, HYPER_CONNECTIONS: 32.0},
     )  # fmt: skip
 
 
@@ -164,7 +168,7 @@ def _gguf_flat(name: str, type_name: str, desc: str, output: str | None = None) 
     b = ggml_bpw(type_name)
     return QuantScheme(
         name=name, description=desc, bits=b, gguf=True, engines=("llamacpp",),
-        component_bits={LM_HEAD: ggml_bpw(output or type_name), ROUTER: 32.0, NORMS: 32.0, VISION: 16.0,
+        component_bits={LM_HEAD: ggml_bpw(output or type_name), ROUTER: 32.0, NORMS: 32.0, VISION: 0.0,
                         HYPER_CONNECTIONS: 32.0},
     )  # fmt: skip
 

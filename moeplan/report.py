@@ -121,14 +121,27 @@ def memory_table(rep: MemoryReport) -> Table:
     for name, n in rep.weights.items():
         table.add_row(f"weights: {name}", f"{n / GiB:,.2f}", f"{n / GB:,.2f}", f"{n:,}")
     table.add_section()
-    rows = [
-        ("weights", rep.weights_bytes),
-        (f"KV cache ({rep.kv_bytes_per_token:,} B/token)", rep.kv_cache_bytes),
+    rows = [("weights", rep.weights_bytes)]
+    if rep.kv_window_bytes or rep.state_bytes:
+        # Each kind of cache on its own line: what grows with context, what windows cap, what is fixed.
+        if rep.kv_grows_bytes:
+            rows.append((f"KV cache, grows ({rep.kv_bytes_per_token_beyond_windows:,} B/token)", rep.kv_grows_bytes))
+        if rep.kv_window_bytes:
+            rows.append(("KV cache, sliding windows (capped)", rep.kv_window_bytes))
+        if rep.state_bytes:
+            rows.append((f"fixed state ({rep.state_bytes_per_sequence:,} B/sequence)", rep.state_bytes))
+    else:
+        rows.append((f"KV cache ({rep.kv_bytes_per_token:,} B/token)", rep.kv_cache_bytes))
+    rows += [
         (f"activations ({rep.chunk_tokens:,}-token prefill chunk)", rep.activation_bytes),
         ("runtime overhead (CUDA context, graphs)", rep.overhead_bytes),
     ]
     for name, n in rows:
         table.add_row(name, f"{n / GiB:,.2f}", f"{n / GB:,.2f}", f"{n:,}")
+    if len(rep.cache_by_term) > 1:
+        table.add_section()
+        for name, n in rep.cache_by_term.items():
+            table.add_row(f"[dim]cache: {name}[/dim]", f"{n / GiB:,.2f}", f"{n / GB:,.2f}", f"{n:,}")
     table.add_section()
     table.add_row("[b]total[/b]", f"[b]{rep.total_bytes / GiB:,.2f}[/b]", f"[b]{rep.total_bytes / GB:,.2f}[/b]",
                   f"{rep.total_bytes:,}")

@@ -28,6 +28,7 @@ from moeplan.memory import (
     overhead_bytes,
     weight_bytes,
 )
+from moeplan.kv_cache import cache_bytes
 from moeplan.params import ATTENTION, EMBEDDING, LM_HEAD, ROUTED_EXPERTS, ROUTER, SHARED_EXPERTS, count_params
 from moeplan.quant import get_scheme, native_scheme
 from moeplan.spec import ModelSpec, spec_from_config
@@ -152,7 +153,10 @@ def test_jamba_mamba_state_independent_of_context() -> None:
 def test_fp8_kv_is_half_of_bf16(name: str) -> None:
     spec = card(name)
     assert 2 * kv_bytes_per_token(spec, "fp8") == kv_bytes_per_token(spec, "bf16")
-    if spec.mamba is None:
+    # KV rows halve; fixed per-sequence state (Mamba, Gated DeltaNet, V4 compressors) keeps its own dtype.
+    fp8, bf16 = cache_bytes(spec, 10_000, kv_dtype="fp8"), cache_bytes(spec, 10_000, kv_dtype="bf16")
+    assert 2 * fp8.kv == pytest.approx(bf16.kv, abs=2) and fp8.state == bf16.state
+    if spec.mamba is None and spec.linear is None and spec.attention != "compressed":
         assert 2 * kv_cache_bytes(spec, 10_000, kv_dtype="fp8") == kv_cache_bytes(spec, 10_000, kv_dtype="bf16")
 
 

@@ -531,13 +531,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         layer = spec.layers[index]
         self.index, self.spec = index, layer
-        if layer.mixer == "mamba":
-            raise MoeplanError(
-                f"bench does not build Mamba mixers (layer {index} of {spec.name} is Mamba); "
-                "pick attention layers with --start-layer"
-            )
-        if spec.norms_per_layer not in (2, 4):
-            raise MoeplanError(f"bench builds layers with 2 or 4 norms, {spec.name} has {spec.norms_per_layer}")
+        reason = unbuildable(spec, layer)
+        if reason:
+            raise MoeplanError(f"bench does not build {reason} (layer {index} of {spec.name}); "
+                               "pick attention layers with --start-layer, or plan it with memory/fit/perf")
         h = spec.hidden_size
         self.input_layernorm = make_norm(spec, h, device, dtype)
         self.post_attention_layernorm = make_norm(spec, h, device, dtype)  # HF name: the pre-FFN norm
@@ -606,14 +603,34 @@ class BenchModel(nn.Module):
         return last @ self.embed_tokens.weight.T
 
 
+def unbuildable(spec: ModelSpec, layer: LayerSpec) -> str | None:
+    """What bench's torch layers do not implement in `layer`, or None when it can build it. The
+    planner models all of these (moeplan.kv_cache, params); bench builds GQA/MLA MoE layers."""
+    if layer.mixer == "mamba":
+        return "Mamba mixers"
+    if layer.mixer == "linear":
+        return "Gated DeltaNet linear attention"
+    if spec.attention == "compressed":
+        return "DeepSeek-V4 compressed attention"
+    if layer.indexer:
+        return "DSA indexers"
+    if spec.attn_output_gate or layer.k_eq_v or layer.kv_shared or layer.kv_heads or layer.head_dim:
+        return "gated, K=V, KV-shared or per-layer-geometry attention"
+    if spec.moe_dense_intermediate_size or spec.router_scale or spec.hc_mult > 1 or spec.per_layer_input_size:
+        return "Gemma 4 / DeepSeek-V4 layer extras (dense MLP beside experts, router scales, hyper-connections)"
+    if spec.norms_per_layer not in (2, 4):
+        return f"layers with {spec.norms_per_layer} norms (2 or 4 only)"
+    return None
+
+
 def pick_layers(spec: ModelSpec, n_layers: int, start_layer: int | None = None) -> list[int]:
     """n consecutive layer indices. By default from the first MoE attention layer (DeepSeek's first
     layers are dense), moved back when fewer than n layers follow it."""
     if not 1 <= n_layers <= spec.num_layers:
         raise MoeplanError(f"--layers must be between 1 and {spec.num_layers} for {spec.name}, got {n_layers}")
     if start_layer is None:
-        moe = [i for i, layer in enumerate(spec.layers) if layer.ffn == "moe" and layer.mixer != "mamba"]
-        attn = [i for i, layer in enumerate(spec.layers) if layer.mixer != "mamba"]
+        attn = [i for i, layer in enumerate(spec.layers) if unbuildable(spec, layer) is None]
+        moe = [i for i in attn if spec.layers[i].ffn == "moe"]
         first = (moe or attn or [0])[0]
         start_layer = min(first, spec.num_layers - n_layers)
     if not 0 <= start_layer <= spec.num_layers - n_layers:
