@@ -9,6 +9,11 @@ How engines split a MoE model (vLLM and SGLang model code; Megatron for pipeline
   E % ep ranks; attention beside it tensor-parallel (vLLM --enable-expert-parallel: ep = tp), or
   data-parallel (SGLang --enable-dp-attention): attention, dense and shared weights replicated and
   the batch split, so MLA's latent cache is not replicated.
+- the 2026 layer kinds under TP: Gated DeltaNet projections, conv and states split by heads (vLLM
+  shards conv_dim and the v heads); DeepSeek-V4 splits q_b and the grouped output projection by heads
+  but keeps its single shared KV head, compressor and indexer whole on every rank, so its cache is not
+  split; DSA indexer keys are replicated like MLA's latent; Gemma 4's global layers split their own
+  KV heads (replicated below one head per rank). What each rank keeps is moeplan.kv_cache's `heads`.
 - pipeline parallel (pp): layers cut into stages, the embedding on the first and the final norm
   and lm_head on the last; stages may be uneven to suit cards of different sizes.
 """
@@ -21,7 +26,7 @@ from collections import Counter
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.hardware import Gpu
-from moeplan.kv_cache import cache_bytes
+from moeplan.kv_cache import CacheBytes, cache_bytes
 from moeplan.memory import activation_bytes, hash_table_bytes, overhead_bytes
 from moeplan.params import (
     ATTENTION, DENSE_FFN, DENSE_MLP, EMBEDDING, HYPER_CONNECTIONS, LM_HEAD, MAMBA, NORMS, PER_LAYER_EMBEDDING,
@@ -61,12 +66,13 @@ class GpuUse(BaseModel):
     budget_bytes: int  # capacity x the engine's memory fraction
     used_bytes: int
     weights_bytes: int
-    kv_bytes: int
+    kv_bytes: int  # the whole cache: KV rows and fixed state
     activation_bytes: int
     overhead_bytes: int
     free_bytes: int  # budget - used (negative: overflow)
     local_experts: int
     weights: dict[str, int]
+    state_bytes: int = 0  # the fixed per-sequence state inside kv_bytes (linear attention, compressors)
 
     @property
     def fits(self) -> bool:
@@ -183,7 +189,7 @@ def stage_weights(
     return {k: v for k, v in out.items() if v}
 
 
-def stage_kv_bytes(spec: ModelSpec, layout: Layout, stage: int, context: int, batch: int, kv_dtype: str) -> int:
+def stage_cache(spec: ModelSpec, layout: Layout, stage: int, context: int, batch: int, kv_dtype: str) -> CacheBytes:
     """KV and fixed state on one GPU of `stage` for `batch` sequences of `context` tokens, as the
     engines allocate them (moeplan.kv_cache; DP attention splits the sequences, TP the heads)."""
     start, end = stage_bounds(layout.stage_layers)[stage]
@@ -191,7 +197,12 @@ def stage_kv_bytes(spec: ModelSpec, layout: Layout, stage: int, context: int, ba
         seqs, tp = math.ceil(batch / layout.ep), 1
     else:
         seqs, tp = batch, layout.tp
-    return cache_bytes(spec, context, seqs, kv_dtype, layers=spec.layers[start:end], tp=tp, engine=True).total
+    return cache_bytes(spec, context, seqs, kv_dtype, layers=spec.layers[start:end], tp=tp, engine=True)
+
+
+def stage_kv_bytes(spec: ModelSpec, layout: Layout, stage: int, context: int, batch: int, kv_dtype: str) -> int:
+    """All the cache (KV rows and fixed state) on one GPU of `stage`: stage_cache's total."""
+    return stage_cache(spec, layout, stage, context, batch, kv_dtype).total
 
 
 def stage_activation_bytes(
@@ -217,17 +228,18 @@ def gpu_rows(
     g = layout.gpus_per_stage
     n = len(gpus)
     rows: dict[tuple[int, str, int], GpuUse] = {}
-    cache: dict[tuple[int, int], tuple[dict[str, int], int, int]] = {}
+    cache: dict[tuple[int, int], tuple[dict[str, int], CacheBytes, int]] = {}
     for i, gpu in enumerate(gpus):
         stage, rank = divmod(i, g)
         local = expert_share(spec.num_experts, layout.ep, rank % layout.ep) if layout.ep > 1 else spec.num_experts
         key = (stage, local)
         if key not in cache:
             weights = stage_weights(spec, scheme, layout, stage, local)
-            kv = stage_kv_bytes(spec, layout, stage, sc.context, sc.batch, sc.kv_dtype)
+            held = stage_cache(spec, layout, stage, sc.context, sc.batch, sc.kv_dtype)
             act = stage_activation_bytes(spec, layout, stage, sc, sc.context, sc.batch)
-            cache[key] = (weights, kv, act)
-        weights, kv, act = cache[key]
+            cache[key] = (weights, held, act)
+        weights, held, act = cache[key]
+        kv = held.total
         over = overhead_bytes(n, cuda_graphs=sc.cuda_graphs)
         budget = int(gpu.usable_bytes * sc.mem_fraction)
         w = sum(weights.values())
@@ -240,6 +252,7 @@ def gpu_rows(
             name=gpu.name, index=i, stage=stage, capacity_bytes=gpu.usable_bytes, budget_bytes=budget,
             used_bytes=used, weights_bytes=w, kv_bytes=kv, activation_bytes=act, overhead_bytes=over,
             free_bytes=budget - used, local_experts=local if layout.ep > 1 else spec.num_experts, weights=weights,
+            state_bytes=held.state,
         )  # fmt: skip
     return list(rows.values())
 

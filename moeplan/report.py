@@ -222,16 +222,19 @@ def plans_table(res: FitResult) -> Table:
 
 def memory_bars(plan: Plan, width: int = 40) -> Table:
     """One bar per GPU: weights, KV, activations, overhead, free (of the engine's budget)."""
+    state = any(row.state_bytes for row in plan.per_gpu)
     table = Table(title=f"per-GPU memory, {plan.quant} {plan.layout} "
-                  "([blue]w[/blue]eights [magenta]k[/magenta]v [yellow]a[/yellow]ct [red]o[/red]verhead "
+                  "([blue]w[/blue]eights [magenta]k[/magenta]v " + ("[cyan]s[/cyan]tate " if state else "")
+                  + "[yellow]a[/yellow]ct [red]o[/red]verhead "
                   "[dim].[/dim] free; GiB of budget)", title_justify="left", show_header=False, box=None)
     table.add_column("gpu")
     table.add_column("bar")
     table.add_column("use", justify="right")
     for row in plan.per_gpu[:16]:
         scale = width / max(row.budget_bytes, row.used_bytes, 1)
-        parts = [("w", row.weights_bytes, "blue"), ("k", row.kv_bytes, "magenta"),
-                 ("a", row.activation_bytes, "yellow"), ("o", row.overhead_bytes, "red")]
+        parts = [("w", row.weights_bytes, "blue"), ("k", row.kv_bytes - row.state_bytes, "magenta"),
+                 ("s", row.state_bytes, "cyan"), ("a", row.activation_bytes, "yellow"),
+                 ("o", row.overhead_bytes, "red")]
         bar = Text()
         for ch, n, style in parts:
             bar.append(ch * round(n * scale), style=style)
