@@ -224,11 +224,11 @@ def cache_notes(spec: ModelSpec, cache: CacheBytes, engines: CacheBytes, batch: 
     if "linear" in kinds and spec.linear is not None:
         la = spec.linear
         dtype = {4.0: "fp32", 2.0: "bf16"}.get(la.ssm_state_bytes, f"{la.ssm_state_bytes:g}-byte")
-        engines = ("; vLLM keeps Qwen3-Next's in bf16 unless --mamba-ssm-cache-dtype float32, SGLang in fp32"
+        who = ("; vLLM keeps Qwen3-Next's in bf16 unless --mamba-ssm-cache-dtype float32, SGLang in fp32"
                    if spec.model_type == "qwen3_next" else "")
         notes.append(
             f"linear-attention (Gated DeltaNet) layers hold a fixed conv + recurrent state per sequence, "
-            f"{cache.state // batch / 2**20:,.1f} MiB, the recurrent state in {dtype}{engines}")
+            f"{cache.state // batch / 2**20:,.1f} MiB, the recurrent state in {dtype}{who}")
     if "compressed" in kinds:
         notes.append("DeepSeek-V4: compressed KV rows grow with context (1 per compress ratio tokens, plus indexer "
                      "keys on CSA layers); the sliding-window branch and the fp32 compressor windows are fixed per "
