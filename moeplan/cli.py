@@ -175,6 +175,22 @@ BatchOpt = typer.Option(1, "--batch", "-b", help="Concurrent sequences.")
 FractionOpt = typer.Option(0.90, "--mem-fraction", help="Engine memory fraction of each GPU (vLLM gpu_memory_utilization).")
 
 
+TpOpt = typer.Option(None, "--tp", help="Force tensor-parallel GPUs per stage.")
+EpOpt = typer.Option(None, "--ep", help="Force expert-parallel GPUs (1, the --tp size, or with --dp-attention a stage).")
+PpOpt = typer.Option(None, "--pp", help="Force pipeline stages.")
+DpOpt = typer.Option(False, "--dp-attention", help="Force attention data-parallel beside expert parallelism (SGLang).")
+PreferOpt = typer.Option(None, "--prefer", help="Rank plans for latency, throughput or memory (default: latency at "
+                         "batch 1, throughput otherwise).")
+
+
+def _request(tp: int | None, ep: int | None, pp: int | None, dp_attention: bool) -> Any:
+    from moeplan.plan import LayoutRequest
+
+    if tp is None and ep is None and pp is None and not dp_attention:
+        return None
+    return LayoutRequest(tp=tp, ep=ep, pp=pp, dp_attention=dp_attention)
+
+
 def _parse_size(text: str | None) -> int | None:
     if text is None:
         return None
@@ -199,6 +215,11 @@ def fit_cmd(
     mem_fraction: float = FractionOpt,
     cpu_mem: str | None = typer.Option(None, "--cpu-mem", help="Host RAM for expert offload, e.g. 768GB."),
     emit: str | None = typer.Option(None, "--emit", help="Print the launch command: vllm, sglang or llamacpp."),
+    tp: int | None = TpOpt,
+    ep: int | None = EpOpt,
+    pp: int | None = PpOpt,
+    dp_attention: bool = DpOpt,
+    prefer: str | None = PreferOpt,
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
@@ -213,7 +234,8 @@ def fit_cmd(
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
     rank = ranker(nodes=n_nodes)
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
-              mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank, gpus_label=label)
+              mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank, gpus_label=label,
+              layout=_request(tp, ep, pp, dp_attention), prefer=prefer)
     command = _emit(emit, spec, res, gpu_list, rank) if emit else None
     res = res.model_copy(update={"notes": [*res.notes, *speed_basis(gpu_list, res.best)]})
     if as_json:
@@ -256,6 +278,11 @@ def perf(
     kv_dtype: str = KvOpt,
     mem_fraction: float = FractionOpt,
     sweep: bool = typer.Option(False, "--sweep", help="Show the batch sweep (1, 4, 16, 64, 256, 1024)."),
+    tp: int | None = TpOpt,
+    ep: int | None = EpOpt,
+    pp: int | None = PpOpt,
+    dp_attention: bool = DpOpt,
+    prefer: str | None = PreferOpt,
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
@@ -273,7 +300,8 @@ def perf(
     gpu_list, n_nodes = parse_gpus(gpus, nodes)
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
-              mem_fraction=mem_fraction, rank=ranker(nodes=n_nodes, prompt=prompt), gpus_label=label)
+              mem_fraction=mem_fraction, rank=ranker(nodes=n_nodes, prompt=prompt), gpus_label=label,
+              layout=_request(tp, ep, pp, dp_attention), prefer=prefer)
     if res.best is None:
         out.print(fit_verdict(res)) if not as_json else _print_json(res.model_dump())
         raise typer.Exit(EXIT_MISS)

@@ -26,7 +26,10 @@ from moeplan.errors import ConfigError, GpuSpecError, HubError, MoeplanError, Qu
 from moeplan.hardware import Gpu, parse_gpus
 from moeplan.layout import Scenario
 from moeplan.memory import MAX_CONTEXT
-from moeplan.plan import FitResult, Plan, fit, plan_offload, plans_for_quant, quant_candidates
+from moeplan.plan import (
+    FitResult, LayoutRequest, Plan, check_request, fit, plan_offload, plans_for_quant, quant_candidates, scorer,
+)
+from moeplan.plan import engine_runs as core_engine_runs
 from moeplan.quant import QuantScheme, get_scheme, kv_dtype_bytes, kv_dtype_usable, native_scheme
 from moeplan.sources import HUB_ID, looks_like_path, resolve
 from moeplan.spec import ModelSpec
@@ -177,6 +180,18 @@ class Targets(_Strict):
                                                                 "speed model's, min(context, 1024).")
 
 
+class LayoutSpec(_Strict):
+    """The layout the deployment runs, when it is fixed (else moeplan picks the best)."""
+
+    tp: PositiveInt | None = Field(None, description="Tensor-parallel GPUs per pipeline stage (vLLM "
+                                                     "--tensor-parallel-size).")
+    ep: PositiveInt | None = Field(None, description="Expert-parallel GPUs: 1, the TP size (vLLM "
+                                                     "--enable-expert-parallel), or with dp_attention all of a stage.")
+    pp: PositiveInt | None = Field(None, description="Pipeline stages (--pipeline-parallel-size).")
+    dp_attention: bool = Field(False, description="Attention data-parallel beside expert parallelism (SGLang "
+                                                  "--enable-dp-attention, vLLM --data-parallel-size).")
+
+
 class DeploySpec(_Strict):
     name: str | None = Field(None, description="A label for reports; default: the file name.")
     model: str = Field(min_length=1, description="Card name, Hub id (org/name) or path to config.json.")
@@ -187,6 +202,8 @@ class DeploySpec(_Strict):
     gpus: str = Field(description="GPUs per node in the --gpus grammar: 2xRTX4090, 8xH100, 1xA100-80GB,1xRTX4090.")
     nodes: PositiveInt = Field(1, description="Nodes, each with the GPUs above.")
     serving: Serving
+    layout: LayoutSpec | None = Field(None, description="Force the layout the deployment runs; moeplan checks "
+                                                        "that one instead of picking.")
     targets: Targets = Field(default_factory=Targets)
 
     _path: str | None = PrivateAttr(default=None)  # where it was loaded from, for annotations
@@ -471,7 +488,7 @@ def _scenario(spec: DeploySpec) -> Scenario:
 
 def _engine_plan(
     engine: str, fr: FitResult, model: ModelSpec, scheme: QuantScheme, gpus: tuple[Gpu, ...], nodes: int,
-    sc: Scenario, rank: Ranker | None,
+    sc: Scenario, rank: Ranker | None, request: LayoutRequest | None = None,
 ) -> Plan | None:
     """The best fitting plan the engine can run. fit's shortlist is ordered best first; when none of
     it suits the engine (llama.cpp beside a tensor-parallel winner), look at every layout."""
@@ -480,12 +497,10 @@ def _engine_plan(
             return plan
     if not fr.fits:
         return None
-    every = [p for p in plans_for_quant(model, scheme, gpus, nodes, sc) if p.fits and engine_runs(engine, p)]
+    every = [p for p in plans_for_quant(model, scheme, gpus, nodes, sc, request) if p.fits and engine_runs(engine, p)]
     if rank is not None:
         every = [rank(model, scheme, p, gpus, sc) for p in every]
-    # Faster first, then fewer stages, then more headroom (fit's order).
-    return min(every, key=lambda p: (-(p.speed.decode_tok_per_s_total if p.speed else 0.0), p.pp,
-                                     -min(r.free_bytes for r in p.per_gpu)), default=None)
+    return min(every, key=scorer("latency" if sc.batch == 1 else "throughput"), default=None)  # fit's order
 
 
 def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, rank: Ranker | None) -> _Choice:
@@ -498,11 +513,21 @@ def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes
                                                         f"with a {spec.serving.kv_dtype} KV cache")])
     notes: list[str] = []
     misses: list[Plan] = []
+    request = LayoutRequest(**spec.layout.model_dump()) if spec.layout is not None else None
+    if request is not None:
+        try:
+            check_request(model, gpus, nodes, request)
+        except MoeplanError as exc:
+            raise SpecError(spec.path, [SpecProblem(field="layout", line=spec.line_of("layout"), message=str(exc))])
+        schemes = [s for s in schemes if core_engine_runs(s, check_request(model, gpus, nodes, request))]
+        if not schemes:
+            raise SpecError(spec.path, [SpecProblem(field="layout", line=spec.line_of("layout"), message=(
+                f"{spec.engine} runs no quantization of {model.name} in {request.label}"))])
     for scheme in schemes:
         fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name, kv_dtype=sc.kv_dtype,
-                 mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus)  # fmt: skip
+                 mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus, layout=request)  # fmt: skip
         notes = [n for n in fr.notes if "--cpu-mem" not in n]
-        plan = _engine_plan(spec.engine, fr, model, scheme, gpus, nodes, sc, rank)
+        plan = _engine_plan(spec.engine, fr, model, scheme, gpus, nodes, sc, rank, request)
         if plan is not None:
             return _Choice(plan=plan, closest=None, notes=notes)
         if fr.fits:

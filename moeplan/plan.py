@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict
 from moeplan.errors import MoeplanError
 from moeplan.hardware import Gpu
 from moeplan.layout import (
-    GpuUse, Layout, Scenario, candidate_layouts, gpu_rows, stage_activation_bytes, stage_kv_bytes, uneven_stages,
+    GpuUse, Layout, Scenario, candidate_layouts, even_stages, gpu_rows, stage_activation_bytes, stage_kv_bytes,
+    uneven_stages,
 )  # fmt: skip
 from moeplan.kv_cache import cache_bytes
 from moeplan.memory import MAX_CONTEXT, activation_bytes, check_context, overhead_bytes, weight_bytes
@@ -51,6 +52,21 @@ class Speed(BaseModel):
     ttft_s: float
     tpot_s: float
     bound: str
+    # The most output tok/s the layout sustains: at its largest batch that fits, up to the engine's
+    # max_num_seqs (what --prefer throughput ranks by).
+    capacity_batch: int = 0
+    capacity_tok_per_s: float = 0.0
+    engine: str = ""
+    # Error band from the validation residuals of this engine and regime (perf.error_band).
+    tpot_s_low: float = 0.0
+    tpot_s_high: float = 0.0
+    ttft_s_low: float = 0.0
+    ttft_s_high: float = 0.0
+    decode_tok_per_s_low: float = 0.0
+    decode_tok_per_s_high: float = 0.0
+    decode_tok_per_s_total_low: float = 0.0
+    decode_tok_per_s_total_high: float = 0.0
+    band_regime: str = ""
 
 
 class Plan(BaseModel):
@@ -70,6 +86,87 @@ class Plan(BaseModel):
     max_batch: int
     offload: Offload | None = None
     speed: Speed | None = None
+    engine: str = "vllm"  # the engine that runs this layout: vllm, sglang (DP attention) or llama.cpp (GGUF)
+
+
+PREFERENCES = ("latency", "throughput", "memory")
+
+
+class LayoutRequest(BaseModel):
+    """A layout the user forces (`--tp N --ep N --pp N --dp-attention`, or a spec's `layout:`)."""
+
+    model_config = ConfigDict(frozen=True)
+    tp: int | None = None
+    ep: int | None = None
+    pp: int | None = None
+    dp_attention: bool = False
+
+    @property
+    def label(self) -> str:
+        parts = [f"--{k} {v}" for k, v in (("tp", self.tp), ("ep", self.ep), ("pp", self.pp)) if v is not None]
+        return " ".join(parts + (["--dp-attention"] if self.dp_attention else [])) or "(none)"
+
+
+def engine_for(scheme: QuantScheme, layout: Layout) -> str:
+    """Which engine runs a layout: llama.cpp for GGUF, SGLang for DP attention (--enable-dp-attention),
+    else vLLM (TP, TP+EP with --enable-expert-parallel, PP)."""
+    if scheme.gguf:
+        return "llama.cpp"
+    return "sglang" if layout.dp_attention else "vllm"
+
+
+def engine_runs(scheme: QuantScheme, layout: Layout) -> bool:
+    """llama.cpp splits a model by layers across GPUs (--split-mode layer, --tensor-split); it has no
+    tensor or expert parallelism, so GGUF plans are one GPU per stage."""
+    return not scheme.gguf or layout.gpus_per_stage == 1
+
+
+def check_request(spec: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, req: LayoutRequest) -> Layout:
+    """The Layout a forced request means, or MoeplanError saying why it cannot be formed."""
+    n = len(gpus)
+    per_node = n // max(nodes, 1)
+    pp = req.pp or 1
+    for name, value in (("--tp", req.tp), ("--ep", req.ep), ("--pp", req.pp)):
+        if value is not None and value < 1:
+            raise MoeplanError(f"{name} must be at least 1, got {value}")
+    if n % pp:
+        raise MoeplanError(f"--pp {pp} does not divide the {n} GPUs")
+    if pp > spec.num_layers:
+        raise MoeplanError(f"--pp {pp} exceeds {spec.name}'s {spec.num_layers} layers")
+    g = n // pp
+    if req.dp_attention:
+        if not spec.is_moe:
+            raise MoeplanError(f"--dp-attention pairs attention data parallelism with expert parallelism; "
+                               f"{spec.name} has no experts")
+        ep = req.ep or g
+        if ep != g or (req.tp is not None and req.tp not in (1, g)):
+            raise MoeplanError(
+                f"--dp-attention over {g} GPUs per stage ({n} GPUs / --pp {pp}) runs attention data-parallel "
+                f"and experts over all {g}: use --ep {g} (SGLang --tp {g} --dp {g} --enable-dp-attention)")
+        if ep > spec.num_experts:
+            raise MoeplanError(f"--ep {ep} exceeds {spec.name}'s {spec.num_experts} experts")
+        return Layout(tp=1, ep=ep, pp=pp, dp_attention=True, stage_layers=even_stages(spec.num_layers, pp))
+    tp = req.tp or g
+    if tp * pp != n:
+        raise MoeplanError(f"--tp {tp} x --pp {pp} = {tp * pp} GPUs, but --gpus gives {n}; "
+                           f"use --tp {g} with --pp {pp}")
+    if tp > per_node:
+        raise MoeplanError(f"--tp {tp} spans nodes ({per_node} GPUs per node): engines keep tensor parallelism "
+                           "inside a node; use --pp across nodes or --dp-attention with --ep")
+    if spec.num_attention_heads % tp:
+        raise MoeplanError(f"--tp {tp} does not divide {spec.name}'s {spec.num_attention_heads} attention heads")
+    kv = spec.num_kv_heads
+    if spec.attention == "gqa" and kv % tp and tp % kv:
+        raise MoeplanError(f"--tp {tp} and {spec.name}'s {kv} KV heads: one must divide the other (vLLM)")
+    ep = req.ep or 1
+    if ep not in (1, tp):
+        raise MoeplanError(f"--ep {ep} with --tp {tp}: expert parallelism spans the tensor-parallel group "
+                           f"(vLLM --enable-expert-parallel): use --ep {tp}, or --ep {g} --dp-attention")
+    if ep > 1 and not spec.is_moe:
+        raise MoeplanError(f"--ep {ep}: {spec.name} has no experts")
+    if ep > spec.num_experts:
+        raise MoeplanError(f"--ep {ep} exceeds {spec.name}'s {spec.num_experts} experts")
+    return Layout(tp=tp, ep=ep, pp=pp, stage_layers=even_stages(spec.num_layers, pp))
 
 
 class QuantVerdict(BaseModel):
@@ -155,18 +252,23 @@ def evaluate(spec: ModelSpec, scheme: QuantScheme, layout: Layout, gpus: tuple[G
         quant=scheme.name, layout=layout.label, tp=layout.tp, ep=layout.ep, pp=layout.pp,
         dp_attention=layout.dp_attention, stage_layers=layout.stage_layers, fits=fits, per_gpu=rows,
         overflow=overflow, overflow_bytes=over, max_context=max_ctx, max_batch=max_batch,
+        engine=engine_for(scheme, layout),
     )  # fmt: skip
 
 
 def plans_for_quant(
-    spec: ModelSpec, scheme: QuantScheme, gpus: tuple[Gpu, ...], nodes: int, sc: Scenario
+    spec: ModelSpec, scheme: QuantScheme, gpus: tuple[Gpu, ...], nodes: int, sc: Scenario,
+    request: LayoutRequest | None = None,
 ) -> list[Plan]:
     plans = []
     mixed = len({g.name for g in gpus}) > 1
     if scheme.gguf:
         # llama.cpp: prefill in n_ubatch chunks, no vLLM profile run; its compute buffers are small.
         sc = sc.model_copy(update={"chunk_tokens": LLAMACPP_UBATCH, "cuda_graphs": False})
-    for layout in candidate_layouts(spec, gpus, nodes):
+    layouts = [check_request(spec, gpus, nodes, request)] if request else candidate_layouts(spec, gpus, nodes)
+    for layout in layouts:
+        if not engine_runs(scheme, layout):
+            continue
         plan = evaluate(spec, scheme, layout, gpus, sc)
         plans.append(plan)
         if layout.pp > 1 and (mixed or not plan.fits):
@@ -203,9 +305,17 @@ def fit(
     cpu_mem_bytes: int | None = None,
     rank: Callable[[ModelSpec, QuantScheme, Plan, tuple[Gpu, ...], Scenario], Plan] | None = None,
     gpus_label: str = "",
+    layout: LayoutRequest | None = None,
+    prefer: str | None = None,
 ) -> FitResult:
-    """Every quantization candidate x every layout, checked per GPU. `rank` attaches speed."""
+    """Every quantization candidate x every layout (or the one `layout` forces), checked per GPU.
+    `rank` attaches speed; `prefer` orders the plans (latency at batch 1, throughput otherwise)."""
     check_context(context, batch)
+    if prefer is not None and prefer not in PREFERENCES:
+        raise MoeplanError(f"--prefer must be one of {', '.join(PREFERENCES)}, got {prefer!r}")
+    prefer = prefer or ("latency" if batch == 1 else "throughput")
+    # A forced layout that cannot be formed: say why, before anything is planned.
+    forced = check_request(spec, gpus, nodes, layout) if layout is not None else None
     if not 0.1 <= mem_fraction <= 1.0:
         raise MoeplanError(f"--mem-fraction must be between 0.1 and 1.0, got {mem_fraction}")
     sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction)
@@ -230,8 +340,17 @@ def fit(
     verdicts: list[QuantVerdict] = []
     fitting: list[Plan] = []
     closest: list[Plan] = []
+    if forced is not None and layout is not None and any(not engine_runs(s, forced) for s in schemes):
+        skipped = [s.name for s in schemes if not engine_runs(s, forced)]
+        if len(skipped) == len(schemes):
+            raise MoeplanError(f"llama.cpp (GGUF --quant {skipped[0]}) splits a model by layers, one GPU per "
+                               f"stage: drop {layout.label} or use --pp {len(gpus)}")
+        notes.append(f"skipped {', '.join(skipped)}: llama.cpp splits by layers only, not {layout.label}")
+        schemes = [s for s in schemes if engine_runs(s, forced)]
     for scheme in schemes:
-        plans = plans_for_quant(spec, scheme, gpus, nodes, sc)
+        plans = plans_for_quant(spec, scheme, gpus, nodes, sc, layout)
+        if not plans:
+            continue
         good = [p for p in plans if p.fits]
         if rank is not None:
             good = [rank(spec, scheme, p, gpus, sc) for p in good]
@@ -256,8 +375,12 @@ def fit(
             offload_plan = rank(spec, get_scheme(offload_plan.quant).for_model(spec), offload_plan, gpus, sc)
     elif not fitting and spec.is_moe:
         notes.append("nothing fits on the GPUs: give --cpu-mem (host RAM, e.g. 768GB) for an expert-offload plan")
-    best = _best(fitting, schemes) if fitting else offload_plan
-    plans = _shortlist(fitting, best) if fitting else ([offload_plan] if offload_plan else []) + closest
+    score = scorer(prefer)
+    best = _best(fitting, schemes, score) if fitting else offload_plan
+    plans = _shortlist(fitting, best, score) if fitting else ([offload_plan] if offload_plan else []) + closest
+    notes.append(f"ranked for {prefer}" + (" (the default at batch 1)" if prefer == "latency" and batch == 1 else "")
+                 + {"latency": ": lowest TPOT at the batch asked", "throughput": ": most output tok/s at the largest "
+                    "batch each layout holds", "memory": ": most free memory on the fullest GPU"}[prefer])
     return FitResult(
         model=spec.name, gpus=gpus_label or ",".join(g.name for g in gpus), num_gpus=len(gpus), nodes=nodes,
         context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction, fits=bool(fitting),
@@ -265,24 +388,38 @@ def fit(
     )  # fmt: skip
 
 
-def _score(plan: Plan) -> tuple[float, ...]:
-    speed = plan.speed.decode_tok_per_s_total if plan.speed else 0.0
-    # Faster first; then fewer pipeline stages, then more headroom.
-    return (-speed, plan.pp, -min(r.free_bytes for r in plan.per_gpu))
+def scorer(prefer: str) -> Callable[[Plan], tuple[float, ...]]:
+    """Sort key for plans (smaller first) under a preference; ties go to fewer pipeline stages, then
+    to more headroom."""
+
+    def headroom(plan: Plan) -> float:
+        return min(r.free_bytes / r.budget_bytes for r in plan.per_gpu) if plan.per_gpu else 0.0
+
+    def key(plan: Plan) -> tuple[float, ...]:
+        sp = plan.speed
+        if prefer == "memory":
+            return (-headroom(plan), plan.pp, sp.tpot_s if sp else 0.0)
+        if prefer == "throughput":
+            rate = (sp.capacity_tok_per_s or sp.decode_tok_per_s_total) if sp else 0.0
+            return (-rate, plan.pp, -headroom(plan))
+        return (sp.tpot_s if sp else math.inf, sp.ttft_s if sp else math.inf, plan.pp, -headroom(plan))
+
+    return key
 
 
-def _best(fitting: list[Plan], schemes: list[QuantScheme]) -> Plan:
-    """The highest-precision quantization that fits, in its fastest layout."""
+def _best(fitting: list[Plan], schemes: list[QuantScheme], score: Callable[[Plan], tuple[float, ...]]) -> Plan:
+    """The highest-precision quantization that fits, in its best layout for the preference."""
     order = [s.name for s in schemes]
     first = min(order.index(p.quant) for p in fitting)
-    return min((p for p in fitting if order.index(p.quant) == first), key=_score)
+    return min((p for p in fitting if order.index(p.quant) == first), key=score)
 
 
-def _shortlist(fitting: list[Plan], best: Plan, keep: int = 8) -> list[Plan]:
-    same = sorted((p for p in fitting if p.quant == best.quant and p is not best), key=_score)
+def _shortlist(fitting: list[Plan], best: Plan, score: Callable[[Plan], tuple[float, ...]], keep: int = 8
+               ) -> list[Plan]:
+    same = sorted((p for p in fitting if p.quant == best.quant and p is not best), key=score)
     others = []
     seen = {best.quant}
-    for p in sorted(fitting, key=_score):
+    for p in sorted(fitting, key=score):
         if p.quant not in seen:
             seen.add(p.quant)
             others.append(p)
