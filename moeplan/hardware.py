@@ -120,6 +120,11 @@ CATALOG: tuple[Gpu, ...] = (
     Gpu(name="M2-Max-96GB", aliases=("M2-MAX", "M2MAX"), memory_bytes=96 * GiB, usable_bytes=72 * GiB,
         hbm_gb_per_s=400, bf16_tflops=13.5, link="none", link_gb_per_s=0, pcie_gb_per_s=400, vendor="apple",
         unified_memory=True, source="Apple M2 Max spec (38-core GPU, 400 GB/s); compute half of M2 Ultra's"),
+    # M3 Ultra: 819 GB/s, up to 512 GB unified memory, 80-core GPU (Apple Newsroom, "Apple unveils new Mac
+    # Studio", 2025-03-05); two M3 Max dies joined by UltraFusion, so compute twice the M3 Max entry's.
+    Gpu(name="M3-Ultra-512GB", aliases=("M3-ULTRA", "M3ULTRA"), memory_bytes=512 * GiB, usable_bytes=384 * GiB,
+        hbm_gb_per_s=819, bf16_tflops=28, link="none", link_gb_per_s=0, pcie_gb_per_s=819, vendor="apple",
+        unified_memory=True, source="Apple M3 Ultra spec (80-core GPU, 819 GB/s); compute twice M3 Max's"),
     Gpu(name="M3-Max-128GB", aliases=("M3-MAX", "M3MAX"), memory_bytes=128 * GiB, usable_bytes=96 * GiB,
         hbm_gb_per_s=400, bf16_tflops=14, link="none", link_gb_per_s=0, pcie_gb_per_s=400, vendor="apple",
         unified_memory=True, source="Apple M3 Max spec (40-core GPU); [llmfit]"),

@@ -25,11 +25,13 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-from moeplan.hardware import HOST_RAM_GB_PER_S, HOST_TFLOPS, INTER_NODE_GB_PER_S, INTER_NODE_LATENCY_US, Gpu
+from moeplan.comm import NIC, LinkClass, allreduce_s, alltoall_s, link_for
+from moeplan.engines import overhead
+from moeplan.hardware import HOST_RAM_GB_PER_S, HOST_TFLOPS, Gpu
 from moeplan.kv_cache import attention_flops, decode_read_bytes
 from moeplan.layout import Layout, Scenario, expert_share, stage_bounds
 from moeplan.params import (
@@ -37,6 +39,7 @@ from moeplan.params import (
 )  # fmt: skip
 from moeplan.plan import Plan, Speed, layout_of
 from moeplan.quant import QuantScheme, kv_dtype_bytes
+from moeplan.routing import rank_load
 from moeplan.spec import LayerSpec, ModelSpec
 
 # A floor per decoder layer per step: even under CUDA graphs a MoE layer runs 10-20 kernels
@@ -73,18 +76,45 @@ def distinct_experts_per_rank(num_experts: int, top_k: int, tokens: float, ep: i
     return local * (1 - (1 - top_k / num_experts) ** tokens)
 
 
-def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None) -> Efficiency:
+# Memory efficiency per engine class, FITTED on the fitting set (docs/validation.md): the value that
+# brings the geometric mean of the speed ratios of these rows to 1, found by `python
+# benchmarks/validate.py --fit-efficiency` (tests/test_validation.py checks these equal its output):
+# - gpu serving (vLLM, SGLang): InferenceX #870, SGLang 0.5.7, DeepSeek-R1 TP8 on 8 x H200 at
+#   concurrency 8-64 (the fitting set's current single-node rows);
+# - llama.cpp: the M2 Max llama-bench table of llama.cpp PR#4406 (Mixtral, seven quantizations).
+# aiconfigurator's 0.80 bandwidth derate ([aic] systems/*.yaml) stays the figure for anything else.
+ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "llama.cpp": 0.636}
+EFFICIENCY_FIT_ROWS = {
+    "gpu serving": ("inferencex-c8-tpot", "inferencex-c16-tpot", "inferencex-c32-tpot", "inferencex-c64-tpot"),
+    "llama.cpp": ("m2max-q2_k", "m2max-q3_k_m", "m2max-q4_k_m", "m2max-q4_0", "m2max-q5_k_m", "m2max-q6_k",
+                  "m2max-q8_0"),
+}
+
+
+def engine_class(engine: str | None) -> str:
+    return "llama.cpp" if engine in ("llama.cpp", "llamacpp") else "gpu serving"
+
+
+def default_efficiency(engine: str | None = None) -> Efficiency:
+    cls = engine_class(engine)
+    mem = ENGINE_MEMORY_EFFICIENCY.get(cls, 0.80)
+    return Efficiency(memory=mem, compute=0.60, source=(
+        f"defaults for {cls}: memory {mem:.2f} (fitted on the validation fitting set), compute 0.60 "
+        "(published GEMM MFU)"))
+
+
+def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, engine: str | None = None) -> Efficiency:
     if override is not None:
         return override
     try:
         from moeplan.calibration import load_calibration
     except ImportError:  # pragma: no cover - calibration ships with the package
-        return Efficiency()
+        return default_efficiency(engine)
     cal = load_calibration(gpu.name, dtype)
     if cal:
         return Efficiency(memory=cal["memory"], compute=cal["compute"],
                           source=f"calibration from moeplan bench ({cal.get('source', '')}, {cal.get('date', '')})")
-    return Efficiency()
+    return default_efficiency(engine)
 
 
 class StepCost(BaseModel):
@@ -99,50 +129,20 @@ class StepCost(BaseModel):
     bound: str
 
 
-def _link(gpus: tuple[Gpu, ...], group: int, nodes: int) -> tuple[float, float]:
-    """(GB/s per direction, latency s) for a collective over `group` GPUs."""
+def _pipeline_send_s(nbytes: float, gpus: tuple[Gpu, ...], stage_gpus: int, nodes: int) -> float:
+    """One pipeline send between stages: over the link inside a node, over a NIC between nodes."""
     per_node = len(gpus) // max(nodes, 1)
-    if group > per_node:
-        return INTER_NODE_GB_PER_S, INTER_NODE_LATENCY_US * 1e-6
-    gpu = gpus[0]
-    return max(gpu.link_gb_per_s, 1.0), gpu.link_latency_us * 1e-6
-
-
-def _allreduce(nbytes: float, ranks: int, bw: float, lat: float) -> float:
-    if ranks <= 1:
-        return 0.0
-    return 2 * (ranks - 1) / ranks * nbytes / (bw * 1e9) + 2 * (ranks - 1) * lat
-
-
-def _alltoall(nbytes: float, ranks: int, bw: float, lat: float) -> float:
-    if ranks <= 1:
-        return 0.0
-    return (ranks - 1) / ranks * nbytes / (bw * 1e9) + lat
-
-
-def _ep_alltoall(nbytes: float, ranks: int, gpus: tuple[Gpu, ...], nodes: int) -> float:
-    """All-to-all of `nbytes` per rank over `ranks` EP ranks, which may span nodes.
-
-    Each rank sends nbytes/ranks to every peer. Peers on its own node are reached over NVLink (or
-    PCIe), peers elsewhere through its NIC, both at once (NCCL's all-to-all is point-to-point sends
-    per peer over the P2P and network transports; DeepEP's normal kernels likewise move the NVLink
-    and RDMA shares concurrently), so the slower of the two shares sets the time."""
-    if ranks <= 1:
-        return 0.0
-    per_node = len(gpus) // max(nodes, 1)
-    gpu = gpus[0]
-    intra_bw, intra_lat = max(gpu.link_gb_per_s, 1.0), gpu.link_latency_us * 1e-6
-    if ranks <= per_node:
-        return _alltoall(nbytes, ranks, intra_bw, intra_lat)
-    intra = (per_node - 1) / ranks * nbytes / (intra_bw * 1e9)
-    inter = (ranks - per_node) / ranks * nbytes / (INTER_NODE_GB_PER_S * 1e9)
-    return max(intra, inter) + INTER_NODE_LATENCY_US * 1e-6
+    link = link_for(gpus[0].link)
+    if stage_gpus >= per_node or link is None:  # stages on different nodes (or no GPU link)
+        return NIC["lat_us"] * 1e-6 + nbytes / (NIC["gb_per_s"] * 1e9)
+    return link.a2a_lat_us * 1e-6 + nbytes / (link.a2a_busbw * 1e9)
 
 
 def ep_alltoall_seconds(nbytes: float, ranks: int, gpu: Gpu, nodes: int = 1) -> float:
-    """One EP all-to-all of `nbytes` per rank over `ranks` GPUs like `gpu` on `nodes` nodes: the
-    communication model step_cost charges for dispatch and for combine (bench compares with it)."""
-    return _ep_alltoall(nbytes, ranks, (gpu,) * ranks, nodes)
+    """One EP all-to-all in which each rank moves `nbytes` over `ranks` GPUs like `gpu` on `nodes` nodes:
+    the communication model step_cost charges for dispatch and for combine (bench compares with it)."""
+    per_node = ranks // max(nodes, 1) if nodes > 1 else ranks
+    return alltoall_s(nbytes, ranks, per_node, link_for(gpu.link))
 
 
 def step_cost(
@@ -159,14 +159,20 @@ def step_cost(
     efficiency: Efficiency | None = None,
     offloaded: frozenset[int] = frozenset(),
     with_head: bool = True,
+    engine: str | None = None,
+    cuda_graphs: bool = True,
+    probs: Sequence[float] | None = None,
 ) -> StepCost:
     """One forward step: `batch` sequences each adding `tokens_per_seq` tokens on `context` cached.
 
-    Decode: tokens_per_seq = 1. Prefill of S tokens: tokens_per_seq = S, context = S."""
+    Decode: tokens_per_seq = 1. Prefill of S tokens: tokens_per_seq = S, context = S. Under expert
+    parallelism the step waits for the busiest rank (moeplan.routing); `probs` gives each expert's
+    share of routed picks (uniform when None)."""
     g = layout.gpus_per_stage
     tp = 1 if layout.dp_attention else layout.tp
     gpu = min(gpus, key=lambda x: x.hbm_gb_per_s)
-    eff = efficiency_for(gpu, scheme.compute if scheme.compute != "fp32" else "fp32", efficiency)
+    engine = engine or default_engine(scheme, layout)
+    eff = efficiency_for(gpu, scheme.compute if scheme.compute != "fp32" else "fp32", efficiency, engine)
     peak = gpu.bf16_tflops
     if scheme.compute == "fp8" and gpu.fp8_tflops:
         peak = gpu.fp8_tflops
@@ -178,22 +184,41 @@ def step_cost(
         peak = gpu.bf16_tflops / 4
     flops_rate = peak * 1e12 * eff.compute
     bw = gpu.hbm_gb_per_s * 1e9 * eff.memory
-    link_bw, link_lat = _link(gpus, g, nodes)
+    link = link_for(gpu.link)
+    per_node = len(gpus) // max(nodes, 1)
+    eng = overhead(engine, cuda_graphs, a100=gpu.link == "NVLink3")
     tokens = batch * tokens_per_seq
     # Tokens one GPU's attention sees: all of them under TP, its share of sequences under DP attention.
     attn_seqs = math.ceil(batch / layout.ep) if layout.dp_attention else batch
     attn_tokens = attn_seqs * tokens_per_seq
     kvb = kv_dtype_bytes(kv_dtype)
-    if layout.ep > 1:
-        local_touched = distinct_experts_per_rank(spec.num_experts, spec.experts_per_token, tokens, layout.ep)
+    k = spec.experts_per_token
+    if spec.is_moe and layout.ep > 1:
+        load = rank_load(spec.num_experts, k, tokens, layout.ep, probs)
+        local_touched = load.distinct_max  # the busiest rank's expert reads
+        local_pairs = load.assignments_max  # and its token-expert pairs (FLOPs)
+    elif spec.is_moe:
+        load = rank_load(spec.num_experts, k, tokens, 1, probs)
+        local_touched = load.distinct_total / tp  # experts tensor-sliced over tp: every rank alike
+        local_pairs = tokens * k / tp
     else:
-        local_touched = distinct_experts(spec.num_experts, spec.experts_per_token, tokens) / tp
-    touched = distinct_experts(spec.num_experts, spec.experts_per_token, tokens)
+        load, local_touched, local_pairs = None, 0.0, 0.0
+    touched = load.distinct_total if load is not None else 0.0
     one_expert = expert_params(spec)
     # Tokens bound for fp8 experts are quantized before dispatch, not after: DeepEP's V3 setting is
     # fp8 dispatch with a per-128 fp32 scale and bf16 combine (deepseek-ai/DeepEP README), as SGLang
     # and DeepSeek's own serving run it. Otherwise activations travel in bf16 both ways.
     dispatch_bytes = 1 + 4 / 128 if scheme.compute == "fp8" else 2.0
+    ep_moved = 0.0
+    if layout.dp_attention and load is not None:
+        # Decode uses DeepEP's low-latency kernels, one copy per (token, expert); prefill its normal
+        # kernels, one copy per (token, destination rank). A rank sends its own tokens and receives
+        # what routing sends it: the busier side sets the time.
+        if tokens_per_seq == 1:
+            ep_moved = max(attn_tokens * k, load.assignments_max) * spec.hidden_size
+        else:
+            hits_per_token = layout.ep * load.tokens_in_mean / max(tokens, 1)
+            ep_moved = max(attn_tokens * hits_per_token, load.tokens_in_max) * spec.hidden_size
 
     total = compute_t = memory_t = comm_t = bytes_all = flops_all = 0.0
     for stage, (start, end) in enumerate(stage_bounds(layout.stage_layers)):
@@ -206,8 +231,7 @@ def step_cost(
                 bits = scheme.bits_for(comp) / 8
                 if comp == ROUTED_EXPERTS:
                     b += local_touched * one_expert * bits
-                    # each token runs k experts, spread over the ep (or tp) ranks
-                    f += 2 * n_active * tokens / (layout.ep if layout.ep > 1 else tp)
+                    f += 2 * one_expert * local_pairs
                 elif comp == ATTENTION:
                     b += n_total * bits / tp
                     f += 2 * n_total * attn_tokens / tp
@@ -225,14 +249,14 @@ def step_cost(
             t_m = b / bw
             t_comm = 0.0
             act = tokens * spec.hidden_size * 2
-            if tp > 1:
-                t_comm += 2 * _allreduce(act, tp, link_bw, link_lat)
-            if layout.ep > 1 and layer.ffn == "moe":
-                local_tokens = attn_tokens if layout.dp_attention else tokens / g
-                values = local_tokens * spec.experts_per_token * spec.hidden_size
-                t_comm += _ep_alltoall(values * dispatch_bytes, layout.ep, gpus, nodes)  # dispatch
-                t_comm += _ep_alltoall(values * 2, layout.ep, gpus, nodes)  # combine, bf16
-            per = max(t_c, t_m) + t_comm + LAYER_FLOOR_S
+            if tp > 1 and link is not None:
+                # Two all-reduces per layer (after attention, after the FFN; under TP+EP the experts'
+                # partial outputs are summed by the second, vLLM FusedMoE reduce_results).
+                t_comm += 2 * (allreduce_s(act, tp, link) + eng.collective_s)
+            if layout.dp_attention and layer.ffn == "moe" and ep_moved:
+                t_comm += ep_alltoall_moved(ep_moved * dispatch_bytes, layout.ep, per_node, link) + eng.collective_s
+                t_comm += ep_alltoall_moved(ep_moved * 2, layout.ep, per_node, link) + eng.collective_s  # combine
+            per = max(t_c, t_m) + t_comm + eng.layer_s
             if off and layer.ffn == "moe":
                 per += off / times * _offload_time(spec, scheme, touched, gpu, tokens)
                 b_off = touched * one_expert * scheme.bits_for(ROUTED_EXPERTS) / 8
@@ -254,10 +278,25 @@ def step_cost(
             flops_all += f_head
         if stage > 0:
             # pipeline send of the residual stream (hc_mult streams under DeepSeek-V4's hyper-connections)
-            total += tokens * spec.hidden_size * spec.hc_mult * 2 / (link_bw * 1e9) + link_lat
+            total += _pipeline_send_s(tokens * spec.hidden_size * spec.hc_mult * 2, gpus, g, nodes)
+    if with_head:
+        total += eng.step_s
     bound = "compute" if compute_t > memory_t else "memory"
     return StepCost(seconds=total, compute_s=compute_t, memory_s=memory_t, comm_s=comm_t, bytes=bytes_all,
                     flops=flops_all, distinct_experts=touched, bound=bound)
+
+
+def ep_alltoall_moved(nbytes: float, ranks: int, per_node: int, link: LinkClass | None) -> float:
+    """An EP dispatch or combine in which the busiest rank moves `nbytes`: all but its own share cross
+    the link or the NIC (moeplan.comm.alltoall_s)."""
+    return alltoall_s(nbytes, ranks, per_node, link)
+
+
+def default_engine(scheme: QuantScheme, layout: Layout) -> str:
+    """llama.cpp for GGUF, SGLang for DP attention, vLLM otherwise (moeplan.plan.engine_for)."""
+    if scheme.gguf:
+        return "llama.cpp"
+    return "sglang" if layout.dp_attention else "vllm"
 
 
 def _offload_time(spec: ModelSpec, scheme: QuantScheme, touched: float, gpu: Gpu, tokens: int) -> float:
@@ -268,6 +307,36 @@ def _offload_time(spec: ModelSpec, scheme: QuantScheme, touched: float, gpu: Gpu
     on_cpu = max(nbytes / (HOST_RAM_GB_PER_S * 1e9), flops / (HOST_TFLOPS * 1e12))
     streamed = nbytes / (gpu.pcie_gb_per_s * 1e9)
     return min(on_cpu, streamed)
+
+
+# Error bands: the lowest and highest speed ratio (predicted / published speed) of the fitting set's
+# rows in each engine class and load (docs/validation.md; `python benchmarks/validate.py --bands`
+# derives them, tests/test_validation.py checks these equal its output). A printed speed S carries
+# [S / highest, S / lowest]; a printed time T carries [T x lowest, T x highest]. Keys with fewer than
+# three fitting rows use "any", the whole fitting set's range.
+ERROR_BANDS: dict[str, tuple[float, float]] = {
+    "gpu serving, batch 1-4": (0.81, 1.78), "gpu serving, batch > 4": (0.59, 1.15),
+    "llama.cpp, batch 1-4": (0.80, 1.34), "llama.cpp, offload": (1.71, 1.71), "any": (0.59, 1.78),
+}
+BAND_ROWS: dict[str, int] = {"gpu serving, batch 1-4": 2, "gpu serving, batch > 4": 16, "llama.cpp, batch 1-4": 7,
+                             "llama.cpp, offload": 1, "any": 26}
+_MIN_BAND_ROWS = 3
+
+
+def band_key(engine: str, batch: int, *, offload: bool = False) -> str:
+    """The validation regime a prediction belongs to: engine class and load."""
+    cls = "llama.cpp" if engine in ("llama.cpp", "llamacpp") else "gpu serving"
+    load = "offload" if offload else ("batch 1-4" if batch <= 4 else "batch > 4")
+    return f"{cls}, {load}"
+
+
+def error_band(engine: str, batch: int, *, offload: bool = False) -> tuple[float, float, str]:
+    """(lowest, highest speed ratio, the regime used) for a prediction of this engine and load."""
+    key = band_key(engine, batch, offload=offload)
+    if key not in ERROR_BANDS or BAND_ROWS.get(key, 0) < _MIN_BAND_ROWS:
+        key = "any"
+    lo, hi = ERROR_BANDS.get(key, (0.5, 2.0))
+    return lo, hi, key
 
 
 class PerfResult(BaseModel):
@@ -287,6 +356,17 @@ class PerfResult(BaseModel):
     ttft_s: float
     tpot_s: float
     bound: str
+    # The error band from the validation residuals of this engine and regime (ERROR_BANDS).
+    tpot_s_low: float = 0.0
+    tpot_s_high: float = 0.0
+    ttft_s_low: float = 0.0
+    ttft_s_high: float = 0.0
+    decode_tok_per_s_low: float = 0.0
+    decode_tok_per_s_high: float = 0.0
+    decode_tok_per_s_total_low: float = 0.0
+    decode_tok_per_s_total_high: float = 0.0
+    band_regime: str = ""
+    engine: str = ""
     decode_bytes_per_step: float
     decode_distinct_experts: float
     comm_s_per_step: float
@@ -295,20 +375,43 @@ class PerfResult(BaseModel):
     notes: list[str]
 
 
+def max_num_seqs(engine: str, gpus: tuple[Gpu, ...]) -> int:
+    """The engine's default cap on running sequences: vLLM 1024 on GPUs of 70 GiB or more except
+    A100s, else 256 (vllm/engine/arg_utils.py get_batch_defaults, API server); SGLang taken alike;
+    llama-server 4 slots (its n_parallel auto default)."""
+    if engine == "llama.cpp":
+        return 4
+    small = min(g.usable_bytes for g in gpus) < 70 * 2**30 or any("A100" in g.name for g in gpus)
+    return 256 if small else 1024
+
+
 def speed(
     spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario, *,
     prompt: int | None = None, nodes: int = 1, efficiency: Efficiency | None = None,
 ) -> tuple[Speed, StepCost, StepCost]:
     layout = layout_of(plan)
+    engine = plan.engine
     off = frozenset(plan.offload.offloaded_layer_ids) if plan.offload else frozenset()
-    dec = step_cost(spec, scheme, layout, gpus, tokens_per_seq=1, batch=sc.batch, context=sc.context,
-                    kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, offloaded=off)
+    graphs = sc.cuda_graphs if not scheme.gguf else True  # llama.cpp captures CUDA graphs by default
+
+    def step(tokens_per_seq: int, batch: int, context: int) -> StepCost:
+        return step_cost(spec, scheme, layout, gpus, tokens_per_seq=tokens_per_seq, batch=batch, context=context,
+                         kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, offloaded=off, engine=engine,
+                         cuda_graphs=graphs)
+
+    dec = step(1, sc.batch, sc.context)
     s = prompt or min(sc.context, 1024)
-    pre = step_cost(spec, scheme, layout, gpus, tokens_per_seq=s, batch=1, context=s, kv_dtype=sc.kv_dtype,
-                    nodes=nodes, efficiency=efficiency, offloaded=off)
+    pre = step(s, 1, s)
     tpot = dec.seconds
-    sp = Speed(decode_tok_per_s=1 / tpot, decode_tok_per_s_total=sc.batch / tpot, prefill_tok_per_s=s / pre.seconds,
-               ttft_s=pre.seconds, tpot_s=tpot, bound=dec.bound)
+    cap = min(max(plan.max_batch, sc.batch), max_num_seqs(engine, gpus)) if plan.max_batch else sc.batch
+    cap_s = tpot if cap == sc.batch else step(1, cap, sc.context).seconds
+    lo, hi, regime = error_band(engine, sc.batch, offload=plan.offload is not None)
+    rate, total = 1 / tpot, sc.batch / tpot
+    sp = Speed(decode_tok_per_s=rate, decode_tok_per_s_total=total, prefill_tok_per_s=s / pre.seconds,
+               ttft_s=pre.seconds, tpot_s=tpot, bound=dec.bound, capacity_batch=cap, capacity_tok_per_s=cap / cap_s,
+               engine=engine, tpot_s_low=tpot * lo, tpot_s_high=tpot * hi, ttft_s_low=pre.seconds * lo,
+               ttft_s_high=pre.seconds * hi, decode_tok_per_s_low=rate / hi, decode_tok_per_s_high=rate / lo,
+               decode_tok_per_s_total_low=total / hi, decode_tok_per_s_total_high=total / lo, band_regime=regime)
     return sp, dec, pre
 
 
@@ -337,7 +440,7 @@ def perf_report(
     prompt: int, nodes: int = 1, gpus_label: str = "", sweep: bool = True, efficiency: Efficiency | None = None,
 ) -> PerfResult:
     sp, dec, pre = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes, efficiency=efficiency)
-    eff = efficiency_for(min(gpus, key=lambda x: x.hbm_gb_per_s), scheme.compute, efficiency)
+    eff = efficiency_for(min(gpus, key=lambda x: x.hbm_gb_per_s), scheme.compute, efficiency, plan.engine)
     rows: list[dict[str, float | int | str]] = []
     notes = [f"efficiency: memory {eff.memory:.2f}, compute {eff.compute:.2f} ({eff.source})"]
     if any(g.generic for g in gpus):
@@ -353,7 +456,7 @@ def perf_report(
         fade = None
         for b in SWEEP_BATCHES:
             cost = step_cost(spec, scheme, layout, gpus, tokens_per_seq=1, batch=b, context=sc.context,
-                             kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency)
+                             kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, engine=plan.engine)
             # A dense model of equal total size reads every weight each step.
             dense_s = max(cost.seconds, dense_bytes / (min(g.hbm_gb_per_s for g in gpus) * 1e9 * eff.memory))
             advantage = dense_s / cost.seconds
@@ -369,7 +472,10 @@ def perf_report(
         model=spec.name, gpus=gpus_label or ",".join(g.name for g in gpus), quant=scheme.name, layout=plan.layout,
         batch=sc.batch, context=sc.context, prompt=prompt, decode_tok_per_s=sp.decode_tok_per_s,
         decode_tok_per_s_total=sp.decode_tok_per_s_total, prefill_tok_per_s=sp.prefill_tok_per_s, ttft_s=sp.ttft_s,
-        tpot_s=sp.tpot_s, bound=sp.bound, decode_bytes_per_step=dec.bytes, decode_distinct_experts=dec.distinct_experts,
+        tpot_s=sp.tpot_s, bound=sp.bound, tpot_s_low=sp.tpot_s_low, tpot_s_high=sp.tpot_s_high,
+        ttft_s_low=sp.ttft_s_low, ttft_s_high=sp.ttft_s_high, decode_tok_per_s_low=sp.decode_tok_per_s_low,
+        decode_tok_per_s_high=sp.decode_tok_per_s_high, decode_tok_per_s_total_low=sp.decode_tok_per_s_total_low,
+        decode_tok_per_s_total_high=sp.decode_tok_per_s_total_high, band_regime=sp.band_regime, engine=sp.engine, decode_bytes_per_step=dec.bytes, decode_distinct_experts=dec.distinct_experts,
         comm_s_per_step=dec.comm_s, efficiency=eff, sweep=rows, notes=notes,
     )  # fmt: skip
 

@@ -232,6 +232,12 @@ def builtin_schemes() -> dict[str, QuantScheme]:
         # no imatrix), embeddings stay IQ4_XS, output Q6_K (llama-quant.cpp; gguf_types.md 3.5).
         _gguf("iq4_xs", "GGUF IQ4_XS mixture (static)", q="iq4_xs", k="iq4_xs", v="gqa4:q5_k:iq4_xs", o="iq4_xs",
               gate_up="iq4_xs", down="first8:q5_k:iq4_xs", embd="iq4_xs", out="q6_k", exp8_o="q5_k"),
+        # llama.cpp MXFP4_MOE (the gpt-oss GGUFs): routed experts in MXFP4 (block_mxfp4, 17 bytes per 32),
+        # every other tensor Q8_0 (llama-quant.cpp: LLAMA_FTYPE_MOSTLY_MXFP4_MOE, default type Q8_0).
+        QuantScheme(name="mxfp4_moe", description="GGUF MXFP4_MOE: MXFP4 experts, Q8_0 elsewhere (gpt-oss GGUF)",
+                    bits=ggml_bpw("q8_0"), gguf=True, engines=("llamacpp",),
+                    component_bits={ROUTED_EXPERTS: ggml_bpw("mxfp4"), ROUTER: 32.0, NORMS: 32.0, VISION: 0.0,
+                                    HYPER_CONNECTIONS: 32.0}),
         _gguf_flat("iq3_xxs", "iq3_xxs", "GGUF IQ3_XXS (3.06 bpw)", output="q6_k"),
         _gguf_flat("iq2_xxs", "iq2_xxs", "GGUF IQ2_XXS (2.06 bpw)", output="q6_k"),
         _gguf_flat("iq1_s", "iq1_s", "GGUF IQ1_S (1.56 bpw)", output="q6_k"),

@@ -167,7 +167,7 @@ def speed_basis(gpus: tuple[Gpu, ...], plan: Plan | None) -> list[str]:
     dtype = get_scheme(plan.quant).compute
     notes = []
     for name, gpu in {g.name: g for g in gpus}.items():
-        eff = efficiency_for(gpu, dtype)
+        eff = efficiency_for(gpu, dtype, engine=plan.engine)
         basis = f"memory {eff.memory:.2f}, compute {eff.compute:.2f}"
         if eff.source.startswith("calibration"):
             notes.append(f"speed on {name} ({dtype}) uses your {eff.source}: {basis} ({calibration_path()})")
@@ -207,14 +207,15 @@ def verdict_table(res: FitResult) -> Table:
 
 def plans_table(res: FitResult) -> Table:
     table = Table(title="plans (memory per GPU in GiB; best first)", title_justify="left")
-    for col, just in (("quant", "left"), ("layout", "left"), ("fits", "left"), ("max GPU use", "right"),
+    for col, just in (("quant", "left"), ("layout", "left"), ("engine", "left"), ("fits", "left"),
+                      ("max GPU use", "right"),
                       ("max context", "right"), ("max batch", "right"), ("tok/s/seq", "right"),
                       ("tok/s total", "right"), ("TTFT ms", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     for plan in res.plans:
         worst = max(plan.per_gpu, key=lambda r: r.used_bytes / max(r.budget_bytes, 1)) if plan.per_gpu else None
         use = f"{worst.used_bytes / GiB:,.1f}/{worst.budget_bytes / GiB:,.1f}" if worst else ""
-        table.add_row(plan.quant, plan.layout, "[green]yes[/green]" if plan.fits else "[red]no[/red]", use,
+        table.add_row(plan.quant, plan.layout, plan.engine, "[green]yes[/green]" if plan.fits else "[red]no[/red]", use,
                       f"{plan.max_context:,}" if plan.fits else "-", f"{plan.max_batch:,}" if plan.fits else "-",
                       *_speed_cells(plan))
     return table
@@ -252,19 +253,24 @@ def perf_table(res: PerfResult) -> Table:
                   f"context {res.context:,}", title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
+    table.add_column("error band", justify="right", style="dim")
     rows = [
-        (f"TTFT ({res.prompt:,}-token prompt)", f"{res.ttft_s * 1000:,.1f} ms"),
-        ("prefill", f"{res.prefill_tok_per_s:,.0f} tok/s"),
-        ("TPOT", f"{res.tpot_s * 1000:,.2f} ms"),
-        ("decode per sequence", f"{res.decode_tok_per_s:,.1f} tok/s"),
-        ("decode all sequences", f"{res.decode_tok_per_s_total:,.1f} tok/s"),
-        ("decode bound", res.bound),
-        ("bytes read per decode step", f"{res.decode_bytes_per_step / GB:,.2f} GB"),
-        ("distinct experts per MoE layer", f"{res.decode_distinct_experts:,.1f}"),
-        ("communication per step", f"{res.comm_s_per_step * 1000:,.2f} ms"),
+        (f"TTFT ({res.prompt:,}-token prompt)", f"{res.ttft_s * 1000:,.1f} ms",
+         f"{res.ttft_s_low * 1000:,.1f}-{res.ttft_s_high * 1000:,.1f} ms"),
+        ("prefill", f"{res.prefill_tok_per_s:,.0f} tok/s", ""),
+        ("TPOT", f"{res.tpot_s * 1000:,.2f} ms", f"{res.tpot_s_low * 1000:,.2f}-{res.tpot_s_high * 1000:,.2f} ms"),
+        ("decode per sequence", f"{res.decode_tok_per_s:,.1f} tok/s",
+         f"{res.decode_tok_per_s_low:,.1f}-{res.decode_tok_per_s_high:,.1f}"),
+        ("decode all sequences", f"{res.decode_tok_per_s_total:,.1f} tok/s",
+         f"{res.decode_tok_per_s_total_low:,.1f}-{res.decode_tok_per_s_total_high:,.1f}"),
+        ("decode bound", res.bound, ""),
+        ("bytes read per decode step", f"{res.decode_bytes_per_step / GB:,.2f} GB", ""),
+        ("distinct experts per MoE layer", f"{res.decode_distinct_experts:,.1f}", ""),
+        ("communication per step", f"{res.comm_s_per_step * 1000:,.2f} ms", ""),
+        ("engine assumed", res.engine, f"band: {res.band_regime}"),
     ]
-    for k, v in rows:
-        table.add_row(k, v)
+    for k, v, band in rows:
+        table.add_row(k, v, band)
     return table
 
 

@@ -1,0 +1,75 @@
+"""Per-step engine overhead: what a decode or prefill step costs beyond its kernels' roofline time.
+
+overhead(step) = fixed per step (scheduling, sampling, output processing) + a floor per decoder
+layer (the layer's 10-30 kernels each take a few microseconds even when their data is tiny) + a
+launch cost per collective when the engine runs without CUDA graphs. Figures and their sources:
+- vLLM V1 and SGLang with CUDA graphs: ~0.3 ms per step fixed. vLLM's full CUDA graphs took 0.5 ms
+  off piecewise ones at Llama-8B's 7.6 ms TPOT (vllm-project/vllm#16072); SGLang's overlap scheduler
+  hides its CPU work ("no single idle time on the GPU", SGLang v0.4 blog). 30 us per layer, the
+  floor moeplan has charged since issue 5 (an estimate: 10-20 kernels of 1.5-3 us each under graphs).
+- Without CUDA graphs (vLLM --enforce-eager, SGLang --disable-cuda-graph): +69 us per layer
+  (SGLang#1401: Llama-3-8B bs1 7.06 ms with graphs, 9.28 ms without, over 32 layers) and +16 us per
+  collective on Hopper, +39 us on A100 (aiconfigurator: vLLM eager vs graph all-reduce floors,
+  ~20-23 us vs 4.2-4.7 us on H100, ~44 us vs 4.9-5.7 us on A100).
+- llama.cpp with CUDA graphs (its default since PR#6766): the same 30 us floor; without graphs
+  +27 us per layer (issue #6763: llama-2-7b Q4_K_M on H100 143 -> 164 tok/s with graphs, 0.87 ms
+  over 32 layers). Its per-step fixed cost, sampling on the CPU: 0.3 ms, assumed like vLLM's.
+- A plain eager PyTorch loop (HF generate-style): +0.9 ms per layer (gpt-fast: Llama-2-7B eager
+  25.5 tok/s against 105 tok/s compiled on A100, ~30 ms per token over 32 layers), 1 ms fixed.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+from moeplan.errors import MoeplanError
+
+
+class EngineOverhead(BaseModel):
+    model_config = ConfigDict(frozen=True)
+    name: str
+    cuda_graphs: bool
+    step_s: float  # fixed per step
+    layer_s: float  # per decoder layer per step
+    collective_s: float = 0.0  # extra launch cost per collective (eager engines)
+    source: str = ""
+
+
+_GRAPH_LAYER_S = 30e-6
+_EAGER_LAYER_S = 69e-6  # SGLang#1401
+_LLAMACPP_EAGER_LAYER_S = 27e-6  # llama.cpp#6763
+_STEP_S = 0.3e-3
+
+ENGINES: dict[tuple[str, bool], EngineOverhead] = {
+    ("vllm", True): EngineOverhead(name="vllm", cuda_graphs=True, step_s=_STEP_S, layer_s=_GRAPH_LAYER_S,
+                                   source="vllm#16072; moeplan's 30 us layer floor"),
+    ("vllm", False): EngineOverhead(name="vllm", cuda_graphs=False, step_s=_STEP_S,
+                                    layer_s=_GRAPH_LAYER_S + _EAGER_LAYER_S, collective_s=16e-6,
+                                    source="SGLang#1401 per-layer eager cost; [aic] eager all-reduce floors"),
+    ("sglang", True): EngineOverhead(name="sglang", cuda_graphs=True, step_s=_STEP_S, layer_s=_GRAPH_LAYER_S,
+                                     source="SGLang v0.4 overlap scheduler; moeplan's 30 us layer floor"),
+    ("sglang", False): EngineOverhead(name="sglang", cuda_graphs=False, step_s=_STEP_S,
+                                      layer_s=_GRAPH_LAYER_S + _EAGER_LAYER_S, collective_s=16e-6,
+                                      source="SGLang#1401: 7.06 vs 9.28 ms per step for 32 layers"),
+    ("llama.cpp", True): EngineOverhead(name="llama.cpp", cuda_graphs=True, step_s=_STEP_S, layer_s=_GRAPH_LAYER_S,
+                                        source="llama.cpp PR#6766 (CUDA graphs by default)"),
+    ("llama.cpp", False): EngineOverhead(name="llama.cpp", cuda_graphs=False, step_s=_STEP_S,
+                                         layer_s=_GRAPH_LAYER_S + _LLAMACPP_EAGER_LAYER_S,
+                                         source="llama.cpp#6763: 0.87 ms per token over 32 layers"),
+    ("pytorch", False): EngineOverhead(name="pytorch", cuda_graphs=False, step_s=1e-3, layer_s=0.9e-3,
+                                       collective_s=16e-6, source="gpt-fast blog: eager 25.5 vs 105 tok/s"),
+    ("pytorch", True): EngineOverhead(name="pytorch", cuda_graphs=True, step_s=_STEP_S, layer_s=_GRAPH_LAYER_S,
+                                      source="torch.compile(mode='reduce-overhead'), gpt-fast"),
+}
+ENGINE_NAMES = ("vllm", "sglang", "llama.cpp", "pytorch")
+
+
+def overhead(engine: str, cuda_graphs: bool = True, *, a100: bool = False) -> EngineOverhead:
+    key = {"llamacpp": "llama.cpp", "torch": "pytorch", "eager": "pytorch"}.get(engine, engine)
+    found = ENGINES.get((key, cuda_graphs))
+    if found is None:
+        raise MoeplanError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINE_NAMES)}")
+    if a100 and found.collective_s:
+        # [aic] vLLM eager all-reduce on A100: ~44 us against 4.9-5.7 us under graphs.
+        return found.model_copy(update={"collective_s": 39e-6})
+    return found
