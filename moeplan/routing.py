@@ -58,11 +58,25 @@ def blocks(num_experts: int, ranks: int) -> list[range]:
 
 
 def pick_probs(probs: Sequence[float] | None, num_experts: int, top_k: int) -> list[float]:
-    """q_e: the probability one token picks expert e (k x its share of picks, at most 1)."""
+    """q_e: the probability one token picks expert e, k x its share of picks. A token picks an expert
+    at most once, so no q exceeds 1: shares above 1/k are capped there and the excess spread over the
+    others in proportion (water-filling), keeping k picks per token."""
     if probs is None:
         return [top_k / num_experts] * num_experts
     total = sum(probs)
-    return [min(1.0, top_k * p / total) for p in probs]
+    q = [top_k * p / total for p in probs]
+    for _ in range(num_experts):
+        over = [i for i, x in enumerate(q) if x > 1.0]
+        if not over:
+            break
+        excess = sum(q[i] - 1.0 for i in over)
+        for i in over:
+            q[i] = 1.0
+        free = sum(x for x in q if x < 1.0)
+        if free <= 0:
+            break
+        q = [x if x >= 1.0 else x + excess * x / free for x in q]
+    return [min(x, 1.0) for x in q]
 
 
 def _poisson_binomial(ps: Sequence[float]) -> list[float]:
@@ -208,7 +222,6 @@ def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[range]
     """E[max over ranks] of distinct experts, assignments and received tokens, averaged over _SAMPLES
     batches drawn as the model says (k distinct experts per token, expert e with weight q_e), seeded
     so every call gives the same figure."""
-    import bisect
     import random
 
     rnd = random.Random(1234)
@@ -217,10 +230,6 @@ def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[range]
         for e in rng:
             owner[e] = r
     uniform = max(q) - min(q) < 1e-12
-    cum, acc = [], 0.0
-    for w in q:
-        acc += w
-        cum.append(acc)
     experts = range(len(q))
     sums = [0.0, 0.0, 0.0]
     for _ in range(_SAMPLES):
@@ -228,13 +237,7 @@ def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[range]
         assign = [0] * len(placement)
         hits = [0] * len(placement)
         for _ in range(tokens):
-            if uniform:
-                picks = rnd.sample(experts, top_k)
-            else:
-                chosen: set[int] = set()
-                while len(chosen) < top_k:  # draw by weight, skipping repeats: without replacement
-                    chosen.add(min(bisect.bisect_left(cum, rnd.random() * acc), len(q) - 1))
-                picks = list(chosen)
+            picks = rnd.sample(experts, top_k) if uniform else systematic_pick(q, rnd)
             ranks_hit = set()
             for e in picks:
                 touched.add(e)
@@ -249,6 +252,21 @@ def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[range]
         sums[1] += max(assign)
         sums[2] += max(hits)
     return sums[0] / _SAMPLES, sums[1] / _SAMPLES, sums[2] / _SAMPLES
+
+
+def systematic_pick(q: Sequence[float], rnd: object) -> list[int]:
+    """k distinct experts with inclusion probabilities exactly q (sum q = k, each <= 1): systematic
+    sampling (Madow) over a freshly shuffled order, so no fixed pattern of neighbours is favoured."""
+    order = list(range(len(q)))
+    rnd.shuffle(order)  # type: ignore[attr-defined]
+    u = rnd.random()  # type: ignore[attr-defined]
+    picks, acc, nxt = [], 0.0, u
+    for e in order:
+        acc += q[e]
+        while acc > nxt:
+            picks.append(e)
+            nxt += 1.0
+    return picks
 
 
 def _convolve_power(pmf: list[float], times: int) -> list[float]:
@@ -276,3 +294,138 @@ def _convolve(a: list[float], b: list[float]) -> list[float]:
 
 def _binomial(n: int, p: float) -> list[float]:
     return [math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(n + 1)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing input: `--routing uniform | zipf:S | FILE`
+# ----------------------------------------------------------------------------------------------
+
+MAX_ROUTING_FILE_BYTES = 16 * 2**20
+
+
+class Routing(BaseModel):
+    """Each expert's share of routed picks, per MoE layer (None: uniform). `label` says where it came from."""
+
+    model_config = ConfigDict(frozen=True)
+    label: str = "uniform"
+    per_layer: tuple[tuple[float, ...], ...] | None = None  # one tuple of E shares per MoE layer
+
+    @property
+    def uniform(self) -> bool:
+        return self.per_layer is None
+
+    def layer(self, i: int) -> tuple[float, ...] | None:
+        """The shares of MoE layer i (cycling when the file has fewer layers than the model)."""
+        if self.per_layer is None:
+            return None
+        return self.per_layer[i % len(self.per_layer)]
+
+    def mean(self) -> tuple[float, ...] | None:
+        """The shares averaged over layers (what a one-layer step cost uses)."""
+        if self.per_layer is None:
+            return None
+        n = len(self.per_layer)
+        return tuple(sum(layer[e] for layer in self.per_layer) / n for e in range(len(self.per_layer[0])))
+
+
+def zipf_shares(num_experts: int, exponent: float, seed: int = 0) -> tuple[float, ...]:
+    """Zipf shares p ~ 1 / rank^s, the ranks placed on expert ids by a fixed shuffle (seed 0), so hot
+    experts land on ranks as they happen to in a trained model rather than all on the first rank."""
+    import random
+
+    weights = [1 / (r + 1) ** exponent for r in range(num_experts)]
+    total = sum(weights)
+    order = list(range(num_experts))
+    random.Random(seed).shuffle(order)
+    shares = [0.0] * num_experts
+    for rank, expert in enumerate(order):
+        shares[expert] = weights[rank] / total
+    return tuple(shares)
+
+
+def parse_routing(text: str | None, num_experts: int, num_moe_layers: int) -> Routing:
+    """`uniform`, `zipf:S` (S >= 0) or a file of per-layer expert frequencies (JSON or CSV).
+
+    JSON: a list of E numbers (every layer alike), a list of such lists (one per MoE layer), or
+    {"layers": [...]} / {"<layer>": [...]} as engines' expert-distribution recorders write. CSV: one
+    row of E numbers per MoE layer (a header row of names is skipped). Frequencies are counts or
+    shares; each layer is normalised."""
+    from moeplan.errors import MoeplanError
+
+    if text is None or text.strip().lower() in ("", "uniform"):
+        return Routing()
+    value = text.strip()
+    if value.lower().startswith("zipf:"):
+        try:
+            s = float(value.split(":", 1)[1])
+        except ValueError:
+            raise MoeplanError(f"--routing {value!r}: write zipf:S with a number S, e.g. zipf:1.0") from None
+        if not math.isfinite(s) or s < 0 or s > 10:
+            raise MoeplanError(f"--routing {value!r}: the Zipf exponent must be between 0 and 10")
+        return Routing(label=f"zipf:{s:g}", per_layer=(zipf_shares(num_experts, s),))
+    layers = _read_routing_file(value)
+    if not layers:
+        raise MoeplanError(f"--routing {value}: no expert frequencies in the file")
+    if len(layers) not in (1, num_moe_layers):
+        raise MoeplanError(f"--routing {value}: {len(layers)} layers of frequencies for {num_moe_layers} MoE layers; "
+                           "give one row per MoE layer, or one for all")
+    out = []
+    for i, row in enumerate(layers):
+        if len(row) != num_experts:
+            raise MoeplanError(f"--routing {value}: layer {i} has {len(row)} expert frequencies, the model has "
+                               f"{num_experts} experts")
+        if any(not math.isfinite(x) or x < 0 for x in row):
+            raise MoeplanError(f"--routing {value}: layer {i} has a negative or non-finite frequency")
+        total = sum(row)
+        if total <= 0:
+            raise MoeplanError(f"--routing {value}: layer {i} has no routed tokens (all frequencies zero)")
+        out.append(tuple(x / total for x in row))
+    return Routing(label=value, per_layer=tuple(out))
+
+
+def _read_routing_file(path_text: str) -> list[list[float]]:
+    import csv
+    import io
+    import json
+    from pathlib import Path
+
+    from moeplan.errors import MoeplanError
+
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise MoeplanError(f"--routing {path_text}: not uniform, zipf:S or a readable file")
+    if path.stat().st_size > MAX_ROUTING_FILE_BYTES:
+        raise MoeplanError(f"--routing {path_text}: larger than {MAX_ROUTING_FILE_BYTES // 2**20} MiB")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MoeplanError(f"--routing {path_text}: cannot read it as UTF-8 text ({exc})") from None
+
+    def numbers(row: object) -> list[float]:
+        if not isinstance(row, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row):
+            raise MoeplanError(f"--routing {path_text}: each layer must be a list of numbers")
+        return [float(x) for x in row]
+
+    if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{"):
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise MoeplanError(f"--routing {path_text}: not valid JSON ({exc})") from None
+        if isinstance(data, dict):
+            data = data.get("layers", [data[k] for k in sorted(data, key=lambda k: int(k) if str(k).isdigit() else 0)])
+        if isinstance(data, list) and data and not isinstance(data[0], list):
+            return [numbers(data)]
+        if not isinstance(data, list):
+            raise MoeplanError(f"--routing {path_text}: expected a list of frequencies per layer")
+        return [numbers(row) for row in data]
+    rows = []
+    for record in csv.reader(io.StringIO(text)):
+        cells = [c.strip() for c in record if c.strip()]
+        if not cells:
+            continue
+        try:
+            rows.append([float(c) for c in cells])
+        except ValueError:
+            if rows:  # a header is only allowed first
+                raise MoeplanError(f"--routing {path_text}: a CSV row that is not numbers: {record[:4]}") from None
+    return rows
