@@ -160,7 +160,39 @@ def _index() -> dict[str, Gpu]:
 
 def find_gpu(name: str) -> Gpu | None:
     key = _norm(name)
+    if key in ("CPU", "HOST", "HOST-CPU"):
+        return host_cpu()
     return _index().get(key) or _index().get(key.replace("-", ""))
+
+
+def host_memory_bytes() -> tuple[int, int]:
+    """(total, available) RAM of this host from /proc/meminfo or sysconf; (0, 0) when unknown."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.split()[1:2]}
+        return info.get("MemTotal", 0), info.get("MemAvailable", info.get("MemTotal", 0))
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        import os
+
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return total, total
+    except (OSError, ValueError, AttributeError):
+        return 0, 0
+
+
+def host_cpu() -> Gpu:
+    """This host's CPU as a device (`--gpus cpu`, `bench --device cpu`): its RAM, and moeplan's desktop
+    assumption for bandwidth and compute (HOST_RAM_GB_PER_S, HOST_TFLOPS), which a saved `moeplan bench
+    --device cpu --save-calibration` corrects. Named "cpu", the key calibrations are stored under."""
+    total, avail = host_memory_bytes()
+    return Gpu(
+        name="cpu", memory_bytes=total or 16 * GB, usable_bytes=avail or total or 16 * GB,
+        hbm_gb_per_s=HOST_RAM_GB_PER_S, bf16_tflops=HOST_TFLOPS, link="none", link_gb_per_s=0,
+        pcie_gb_per_s=HOST_RAM_GB_PER_S, vendor="cpu", unified_memory=True,
+        source="moeplan.hardware HOST_RAM_GB_PER_S / HOST_TFLOPS: a desktop assumption, not this CPU's datasheet",
+    )  # fmt: skip
 
 
 def match_device_name(device_name: str) -> Gpu | None:

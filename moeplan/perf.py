@@ -512,6 +512,7 @@ def predict_layers(
 
 
 def host_gpu() -> Gpu:
-    """The CPU as a 'device' for bench predictions: desktop DDR5 bandwidth, ~1 TFLOP/s."""
-    return Gpu(name="cpu", memory_bytes=0, usable_bytes=0, hbm_gb_per_s=HOST_RAM_GB_PER_S, bf16_tflops=HOST_TFLOPS,
-               link="none", link_gb_per_s=0, source="host CPU assumption (hardware.HOST_RAM_GB_PER_S)")
+    """The CPU as a 'device' for bench predictions (moeplan.hardware.host_cpu)."""
+    from moeplan.hardware import host_cpu
+
+    return host_cpu()

@@ -282,7 +282,9 @@ def test_out_of_memory_is_a_result_not_a_crash(predictions: None, monkeypatch: p
 
 
 def test_too_big_for_host_ram_is_not_tried(predictions: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(harness, "host_memory_bytes", lambda: (2**30, 1024))
+    import moeplan.bench.run as bench_run
+
+    monkeypatch.setattr(bench_run, "host_memory_bytes", lambda: (2**30, 1024))
     result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
     assert result.fits is False and (result.oom or "").startswith("not tried")
 

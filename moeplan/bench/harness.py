@@ -8,7 +8,6 @@ at batch 1).
 
 from __future__ import annotations
 
-import os
 import platform
 import resource
 import statistics
@@ -19,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from moeplan.bench.layers import BenchModel, GQAttention, KVCache, MoEBlock, param_bytes
-from moeplan.hardware import GB, HOST_RAM_GB_PER_S, HOST_TFLOPS, Gpu, find_gpu, generic_gpu, match_device_name
+from moeplan.hardware import Gpu, find_gpu, generic_gpu, host_cpu, match_device_name
 
 OnStep = Callable[[str, int, int], None]
 
@@ -187,24 +186,6 @@ def prefill_flops(model: BenchModel, batch: int, prompt: int) -> float:
 # ----------------------------------------------------------------------------------------------
 
 
-def host_memory_bytes() -> tuple[int, int]:
-    """(total, available) host RAM from /proc/meminfo, else sysconf; available falls back to total."""
-    total = avail = 0
-    try:
-        with open("/proc/meminfo", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    total = int(line.split()[1]) * 1024
-                elif line.startswith("MemAvailable:"):
-                    avail = int(line.split()[1]) * 1024
-    except OSError:
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
-            total = 0
-    return total, avail or total
-
-
 def cpu_name() -> str:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -217,15 +198,9 @@ def cpu_name() -> str:
 
 
 def host_gpu() -> Gpu:
-    """The host CPU as a 'device' for predictions: moeplan.hardware's desktop assumption."""
-    total, avail = host_memory_bytes()
-    # NOTE: named "cpu" like moeplan.perf.host_gpu, so a saved calibration is found by perf.
-    return Gpu(
-        name="cpu", memory_bytes=total or 16 * GB, usable_bytes=avail or total or 16 * GB,
-        hbm_gb_per_s=HOST_RAM_GB_PER_S, bf16_tflops=HOST_TFLOPS, link="none", link_gb_per_s=0,
-        pcie_gb_per_s=HOST_RAM_GB_PER_S, vendor="cpu", unified_memory=True,
-        source="moeplan.hardware HOST_RAM_GB_PER_S / HOST_TFLOPS: a desktop assumption, not this CPU's datasheet",
-    )  # fmt: skip
+    """The host CPU as a 'device' for predictions: moeplan.hardware.host_cpu, named "cpu" so a saved
+    calibration is found by perf, fit and check (`--gpus cpu`)."""
+    return host_cpu()
 
 
 def device_info(device: torch.device) -> tuple[str, Gpu, list[str]]:

@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.errors import BenchUnavailableError, MoeplanError
-from moeplan.hardware import Gpu
+from moeplan.hardware import Gpu, host_memory_bytes
 from moeplan.params import count_params, layer_params, vision_params
 from moeplan.spec import LayerSpec, ModelSpec
 
@@ -274,7 +274,7 @@ def run_bench(
     if device == "cpu":
         needed = _needed_bytes(spec, layers, dtype=dtype, start_layer=indices[0], full=full, batch=batch,
                                context=context, prompt=prompt)  # fmt: skip
-        _, available = harness.host_memory_bytes()
+        _, available = host_memory_bytes()
         if available and needed > CPU_RAM_HEADROOM * available:
             return no_fit(
                 f"not tried: {len(indices)} layer(s) of {spec.name} in {dtype} need {needed / 2**30:.1f} GiB, "
