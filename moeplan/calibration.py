@@ -62,16 +62,24 @@ def _read(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def save_calibration(gpu_name: str, dtype: str, memory_eff: float, compute_eff: float, source: str) -> Path:
-    """Record (or replace) the efficiencies of one GPU and dtype. Returns the file written."""
+def save_calibration(gpu_name: str, dtype: str, memory_eff: float, compute_eff: float, source: str, *,
+                     layer_s: float | None = None, step_s: float | None = None) -> Path:
+    """Record (or replace) the efficiencies of one GPU and dtype, and, when measured, the per-layer and
+    per-step overheads (seconds) that replace the engine's defaults. Returns the file written."""
     path = calibration_path()
     data = _read(path)
-    data[_key(gpu_name, dtype)] = {
+    entry: dict[str, Any] = {
         "memory": clip_efficiency(memory_eff),
         "compute": clip_efficiency(compute_eff),
         "source": source,
         "date": datetime.now(timezone.utc).date().isoformat(),
     }
+    for name, value in (("layer_s", layer_s), ("step_s", step_s)):
+        if value is not None:
+            if not math.isfinite(value) or value < 0 or value > 1.0:
+                raise MoeplanError(f"a calibration's {name} must be between 0 and 1 s, got {value!r}")
+            entry[name] = value
+    data[_key(gpu_name, dtype)] = entry
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write a temporary file and rename it over, so a crash never leaves half a file.
@@ -90,11 +98,18 @@ def load_calibration(gpu_name: str, dtype: str) -> dict[str, Any] | None:
     if not isinstance(entry, dict):
         return None
     try:
-        return {
+        out: dict[str, Any] = {
             "memory": clip_efficiency(float(entry["memory"])),
             "compute": clip_efficiency(float(entry["compute"])),
             "source": str(entry.get("source", "")),
             "date": str(entry.get("date", "")),
         }
+        for name in ("layer_s", "step_s"):
+            if entry.get(name) is not None:
+                value = float(entry[name])
+                if not math.isfinite(value) or not 0 <= value <= 1.0:
+                    return None
+                out[name] = value
+        return out
     except (KeyError, TypeError, ValueError, MoeplanError):
         return None  # a damaged entry is as good as none

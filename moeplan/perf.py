@@ -58,6 +58,10 @@ class Efficiency(BaseModel):
     model_config = ConfigDict(frozen=True)
     memory: float = 0.80
     compute: float = 0.60
+    # Measured overheads (a calibration's intercepts): when set they replace the engine's per-layer
+    # floor and per-step cost (moeplan.engines).
+    layer_s: float | None = None
+    step_s: float | None = None
     source: str = "defaults: memory 0.80 ([aic] bandwidth derate), compute 0.60 (published GEMM MFU)"
 
 
@@ -112,7 +116,8 @@ def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, eng
         return default_efficiency(engine)
     cal = load_calibration(gpu.name, dtype)
     if cal:
-        return Efficiency(memory=cal["memory"], compute=cal["compute"],
+        return Efficiency(memory=cal["memory"], compute=cal["compute"], layer_s=cal.get("layer_s"),
+                          step_s=cal.get("step_s"),
                           source=f"calibration from moeplan bench ({cal.get('source', '')}, {cal.get('date', '')})")
     return default_efficiency(engine)
 
@@ -187,6 +192,9 @@ def step_cost(
     link = link_for(gpu.link)
     per_node = len(gpus) // max(nodes, 1)
     eng = overhead(engine, cuda_graphs, a100=gpu.link == "NVLink3")
+    if eff.layer_s is not None or eff.step_s is not None:  # a calibration measured them on this device
+        eng = eng.model_copy(update={"layer_s": eff.layer_s if eff.layer_s is not None else eng.layer_s,
+                                     "step_s": eff.step_s if eff.step_s is not None else eng.step_s})
     tokens = batch * tokens_per_seq
     # Tokens one GPU's attention sees: all of them under TP, its share of sequences under DP attention.
     attn_seqs = math.ceil(batch / layout.ep) if layout.dp_attention else batch
