@@ -220,6 +220,9 @@ def fit_cmd(
     pp: int | None = PpOpt,
     dp_attention: bool = DpOpt,
     prefer: str | None = PreferOpt,
+    price: str | None = typer.Option(None, "--price", help="USD per GPU-hour: 2.49, or H100=2.49,A100-80GB=1.29."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw the best plan's memory per GPU to FILE (.svg or "
+                                     ".png; needs moeplan[plot])."),
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
@@ -229,15 +232,39 @@ def fit_cmd(
     from moeplan.plan import fit
     from moeplan.report import fit_verdict, memory_bars, plans_table, speed_basis, verdict_table
 
+    from moeplan.cost import NO_PRICE_NOTE, parse_price
+
     spec = resolve_model(model, from_hub)
     gpu_list, n_nodes = parse_gpus(gpus, nodes)
+    cost_price = parse_price(price)
+    if cost_price is not None:
+        cost_price.per_hour(gpu_list)  # a price for a GPU the plan does not use: say so before planning
+    if plot is not None:
+        from moeplan.plot import check_target
+
+        check_target(plot)
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
-    rank = ranker(nodes=n_nodes)
+    rank = ranker(nodes=n_nodes, price=cost_price)
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
               mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank, gpus_label=label,
               layout=_request(tp, ep, pp, dp_attention), prefer=prefer)
     command = _emit(emit, spec, res, gpu_list, rank) if emit else None
-    res = res.model_copy(update={"notes": [*res.notes, *speed_basis(gpu_list, res.best)]})
+    extra = list(speed_basis(gpu_list, res.best))
+    if cost_price is None:
+        extra.append(NO_PRICE_NOTE)
+    else:
+        cheap = min((p for p in res.plans if p.fits and p.speed and p.speed.usd_per_million_output_tokens_at_capacity),
+                    key=lambda p: p.speed.usd_per_million_output_tokens_at_capacity, default=None)  # type: ignore[union-attr]
+        if cheap is not None and cheap.speed is not None:
+            extra.append(f"cheapest per output token: {cheap.quant} {cheap.layout} at "
+                         f"{cheap.speed.usd_per_million_output_tokens_at_capacity:,.3f} USD per million at batch "
+                         f"{cheap.speed.capacity_batch:,}")
+    if plot is not None and res.best is not None:
+        from moeplan.plot import plot_memory
+
+        plot_memory(res.best, plot)
+        extra.append(f"plot written to {plot}")
+    res = res.model_copy(update={"notes": [*res.notes, *extra]})
     if as_json:
         data = res.model_dump()
         if command:
@@ -278,6 +305,9 @@ def perf(
     kv_dtype: str = KvOpt,
     mem_fraction: float = FractionOpt,
     sweep: bool = typer.Option(False, "--sweep", help="Show the batch sweep (1, 4, 16, 64, 256, 1024)."),
+    price: str | None = typer.Option(None, "--price", help="USD per GPU-hour: 2.49, or H100=2.49,A100-80GB=1.29."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw the batch sweep to FILE (.svg or .png; needs "
+                                     "moeplan[plot])."),
     tp: int | None = TpOpt,
     ep: int | None = EpOpt,
     pp: int | None = PpOpt,
@@ -292,31 +322,96 @@ def perf(
     from moeplan.perf import perf_report, ranker
     from moeplan.plan import fit
     from moeplan.quant import get_scheme
-    from moeplan.report import fit_verdict, perf_table, sweep_table
+    from moeplan.report import fit_verdict, perf_table, sweep_chart, sweep_table
+
+    from moeplan.cost import parse_price
 
     spec = resolve_model(model, from_hub)
     if prompt < 1 or prompt > context:
         raise MoeplanError(f"--prompt must be between 1 and --context ({context}), got {prompt}")
     gpu_list, n_nodes = parse_gpus(gpus, nodes)
+    cost_price = parse_price(price)
+    if cost_price is not None:
+        cost_price.per_hour(gpu_list)  # a price for a GPU the plan does not use: say so before planning
+    if plot is not None:
+        from moeplan.plot import check_target
+
+        check_target(plot)
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
-              mem_fraction=mem_fraction, rank=ranker(nodes=n_nodes, prompt=prompt), gpus_label=label,
-              layout=_request(tp, ep, pp, dp_attention), prefer=prefer)
+              mem_fraction=mem_fraction, rank=ranker(nodes=n_nodes, prompt=prompt, price=cost_price),
+              gpus_label=label, layout=_request(tp, ep, pp, dp_attention), prefer=prefer)
     if res.best is None:
         out.print(fit_verdict(res)) if not as_json else _print_json(res.model_dump())
         raise typer.Exit(EXIT_MISS)
     scheme = get_scheme(res.best.quant).for_model(spec)
     sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction)
     rep = perf_report(spec, scheme, res.best, gpu_list, sc, prompt=prompt, nodes=n_nodes, gpus_label=label,
-                      sweep=sweep)
+                      sweep=sweep or plot is not None, price=cost_price)
+    if plot is not None:
+        from moeplan.plot import plot_sweeps
+
+        plot_sweeps([rep], plot)
+        rep = rep.model_copy(update={"notes": [*rep.notes, f"plot written to {plot}"]})
     if as_json:
         _print_json(rep.model_dump())
         return
     out.print(perf_table(rep))
     if sweep:
         out.print(sweep_table(rep))
+        out.print(sweep_chart(rep))
     for note in rep.notes:
         out.print(f"[dim]- {escape(note)}[/dim]")
+
+
+@app.command(name="compare")
+def compare_cmd(
+    models: list[str] = typer.Argument(..., help="Two or more models: card names, Hub ids or paths."),
+    gpus: str = GpusOpt,
+    nodes: int = NodesOpt,
+    quant: str | None = QuantOpt,
+    context: int = ContextOpt,
+    batch: int = BatchOpt,
+    price: str | None = typer.Option(None, "--price", help="USD per GPU-hour: 2.49, or H100=2.49,A100-80GB=1.29."),
+    plot: Path | None = typer.Option(None, "--plot", help="Draw every model's batch sweep on one chart (.svg/.png)."),
+    as_json: bool = JsonOpt,
+    from_hub: bool = FromHubOpt,
+) -> None:
+    """MoE or dense on these GPUs: models side by side, and which wins on latency, throughput and cost.
+
+    Example: moeplan compare mixtral-8x7b llama-2-70b --gpus 2xA100-80GB --price 1.29"""
+    from moeplan.compare import compare
+    from moeplan.cost import parse_price
+    from moeplan.hardware import parse_gpus
+    from moeplan.report import compare_table
+
+    if len(models) < 2:
+        raise MoeplanError("compare needs at least two models, e.g. `moeplan compare mixtral-8x7b llama-2-70b "
+                           "--gpus 2xA100-80GB`")
+    specs = [resolve_model(m, from_hub) for m in models]
+    gpu_list, n_nodes = parse_gpus(gpus, nodes)
+    cost_price = parse_price(price)
+    if plot is not None:
+        from moeplan.plot import check_target
+
+        check_target(plot)
+    label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
+    res, reports = compare(specs, gpu_list, nodes=n_nodes, quant=quant, context=context, batch=batch,
+                           price=cost_price, gpus_label=label)
+    if plot is not None:
+        from moeplan.plot import plot_sweeps
+
+        plot_sweeps(reports, plot)
+        res = res.model_copy(update={"notes": [*res.notes, f"plot written to {plot}"]})
+    if as_json:
+        _print_json(res.model_dump())
+    else:
+        out.print(compare_table(res))
+        for line in res.verdict:
+            out.print(f"- {escape(line)}")
+        for note in res.notes:
+            out.print(f"[dim]- {escape(note)}[/dim]")
+    raise typer.Exit(EXIT_OK if any(r.fits for r in res.rows) else EXIT_MISS)
 
 
 @app.command(name="gpus")

@@ -20,12 +20,14 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import (
     BaseModel, ConfigDict, Field, PositiveInt, PrivateAttr, ValidationError, computed_field, field_validator,
+    model_validator,
 )  # fmt: skip
 
 from moeplan.errors import ConfigError, GpuSpecError, HubError, MoeplanError, QuantError, UnknownModelError
 from moeplan.hardware import Gpu, parse_gpus
 from moeplan.layout import Scenario
 from moeplan.memory import MAX_CONTEXT
+from moeplan.cost import parse_price
 from moeplan.plan import (
     FitResult, LayoutRequest, Plan, check_request, fit, plan_offload, plans_for_quant, quant_candidates, scorer,
 )
@@ -176,6 +178,8 @@ class Targets(_Strict):
     max_tpot_s: float | None = Field(None, gt=0, description="Time per output token (s) at full batch, at most.")
     min_free_gib_per_gpu: float | None = Field(None, ge=0, description="Headroom (GiB = 2^30 bytes) left on the "
                                                                        "fullest GPU, at least.")
+    max_usd_per_million_output_tokens: float | None = Field(
+        None, gt=0, description="Cost per million output tokens at the serving batch, at most (needs `price`).")
     prompt_tokens: PositiveInt | None = Field(None, description="Prompt length for max_ttft_s; default: the "
                                                                 "speed model's, min(context, 1024).")
 
@@ -204,6 +208,8 @@ class DeploySpec(_Strict):
     serving: Serving
     layout: LayoutSpec | None = Field(None, description="Force the layout the deployment runs; moeplan checks "
                                                         "that one instead of picking.")
+    price: float | dict[str, float] | None = Field(
+        None, description="USD per GPU-hour: one figure for every GPU, or a mapping of GPU name to price.")
     targets: Targets = Field(default_factory=Targets)
 
     _path: str | None = PrivateAttr(default=None)  # where it was loaded from, for annotations
@@ -221,6 +227,19 @@ class DeploySpec(_Strict):
     def _gpu_grammar(cls, value: str) -> str:
         _as_value_error(parse_gpus, value)  # quotes the grammar
         return value
+
+    @field_validator("price")
+    @classmethod
+    def _valid_price(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        if value is not None:
+            _as_value_error(parse_price, _price_text(value))  # positive, known GPUs
+        return value
+
+    @model_validator(mode="after")
+    def _cost_needs_price(self) -> DeploySpec:
+        if self.targets.max_usd_per_million_output_tokens is not None and self.price is None:
+            raise ValueError("targets.max_usd_per_million_output_tokens needs a price (USD per GPU-hour)")
+        return self
 
     @field_validator("targets", mode="before")
     @classmethod
@@ -458,11 +477,18 @@ class _Choice(BaseModel):
     notes: list[str]
 
 
+def _price_text(value: float | dict[str, float]) -> str:
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
 def default_ranker(spec: DeploySpec) -> Ranker:
-    """moeplan.perf's speed at the spec's prompt length and node count."""
+    """moeplan.perf's speed at the spec's prompt length and node count, with cost when priced."""
     from moeplan.perf import ranker
 
-    return ranker(nodes=spec.nodes, prompt=spec.targets.prompt_tokens)
+    price = parse_price(_price_text(spec.price)) if spec.price is not None else None
+    return ranker(nodes=spec.nodes, prompt=spec.targets.prompt_tokens, price=price)
 
 
 def engine_runs(engine: str, plan: Plan) -> bool:
@@ -561,6 +587,8 @@ _TARGETS: dict[str, tuple[Literal["min", "max"], str, Callable[[Plan], float | N
     "max_ttft_s": ("max", "s", lambda p: p.speed.ttft_s if p.speed else None),
     "max_tpot_s": ("max", "s", lambda p: p.speed.tpot_s if p.speed else None),
     "min_free_gib_per_gpu": ("min", "GiB", lambda p: min(r.free_bytes for r in p.per_gpu) / GiB),
+    "max_usd_per_million_output_tokens": ("max", "USD per million output tokens",
+                                          lambda p: p.speed.usd_per_million_output_tokens if p.speed else None),
 }
 
 

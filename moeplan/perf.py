@@ -30,6 +30,7 @@ from collections.abc import Callable, Sequence
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.comm import NIC, LinkClass, allreduce_s, alltoall_s, link_for
+from moeplan.cost import NO_PRICE_NOTE, Price, per_million
 from moeplan.engines import overhead
 from moeplan.hardware import HOST_RAM_GB_PER_S, HOST_TFLOPS, Gpu
 from moeplan.kv_cache import attention_flops, decode_read_bytes
@@ -375,6 +376,11 @@ class PerfResult(BaseModel):
     decode_tok_per_s_total_high: float = 0.0
     band_regime: str = ""
     engine: str = ""
+    # Cost, only with --price: USD per hour and per million tokens at this batch (moeplan.cost).
+    usd_per_hour: float | None = None
+    usd_per_million_output_tokens: float | None = None
+    usd_per_million_input_tokens: float | None = None
+    max_batch: int = 0  # the largest batch that fits at this context
     decode_bytes_per_step: float
     decode_distinct_experts: float
     comm_s_per_step: float
@@ -395,7 +401,7 @@ def max_num_seqs(engine: str, gpus: tuple[Gpu, ...]) -> int:
 
 def speed(
     spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario, *,
-    prompt: int | None = None, nodes: int = 1, efficiency: Efficiency | None = None,
+    prompt: int | None = None, nodes: int = 1, efficiency: Efficiency | None = None, price: Price | None = None,
 ) -> tuple[Speed, StepCost, StepCost]:
     layout = layout_of(plan)
     engine = plan.engine
@@ -420,15 +426,21 @@ def speed(
                engine=engine, tpot_s_low=tpot * lo, tpot_s_high=tpot * hi, ttft_s_low=pre.seconds * lo,
                ttft_s_high=pre.seconds * hi, decode_tok_per_s_low=rate / hi, decode_tok_per_s_high=rate / lo,
                decode_tok_per_s_total_low=total / hi, decode_tok_per_s_total_high=total / lo, band_regime=regime)
+    if price is not None:
+        hourly = price.per_hour(gpus)
+        sp = sp.model_copy(update={
+            "usd_per_hour": hourly, "usd_per_million_output_tokens": per_million(hourly, total),
+            "usd_per_million_output_tokens_at_capacity": per_million(hourly, sp.capacity_tok_per_s),
+            "usd_per_million_input_tokens": per_million(hourly, sp.prefill_tok_per_s)})
     return sp, dec, pre
 
 
-def ranker(*, nodes: int = 1, prompt: int | None = None) -> Callable[..., Plan]:
+def ranker(*, nodes: int = 1, prompt: int | None = None, price: Price | None = None) -> Callable[..., Plan]:
     """fit's ranking hook for a deployment over `nodes` nodes (an EP all-to-all beyond one node
-    crosses the network) and a prompt of `prompt` tokens for TTFT."""
+    crosses the network), a prompt of `prompt` tokens for TTFT, and a price for cost."""
 
     def rank(spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario) -> Plan:
-        sp, _, _ = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes)
+        sp, _, _ = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes, price=price)
         return plan.model_copy(update={"speed": sp})
 
     return rank
@@ -443,11 +455,29 @@ def rank_plan(spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu,
 SWEEP_BATCHES = (1, 4, 16, 64, 256, 1024)
 
 
+def dense_counterpart(spec: ModelSpec) -> ModelSpec:
+    """The dense model an MoE would be at the same total size: every MoE layer's experts (routed,
+    shared and any dense MLP beside them) as one dense FFN of their summed width, every weight active;
+    attention, KV cache and everything else unchanged."""
+    width = spec.num_experts * spec.expert_intermediate_size + spec.shared_expert_intermediate_size
+    width += spec.moe_dense_intermediate_size
+    layers = tuple(layer.model_copy(update={"ffn": "dense", "dense_intermediate_size": width})
+                   if layer.ffn == "moe" else layer for layer in spec.layers)
+    return spec.model_copy(update={
+        "name": f"{spec.name} (dense counterpart)", "layers": layers, "num_experts": 0, "experts_per_token": 0,
+        "expert_intermediate_size": 0, "num_shared_experts": 0, "shared_expert_intermediate_size": 0,
+        "moe_dense_intermediate_size": 0, "dense_intermediate_size": spec.dense_intermediate_size or width,
+        "router_bias": False, "router_correction_bias": False, "router_scale": False, "shared_expert_gate": False,
+        "expert_bias": False, "mtp_layers": 0})
+
+
 def perf_report(
     spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario, *,
     prompt: int, nodes: int = 1, gpus_label: str = "", sweep: bool = True, efficiency: Efficiency | None = None,
+    price: Price | None = None,
 ) -> PerfResult:
-    sp, dec, pre = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes, efficiency=efficiency)
+    sp, dec, pre = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes, efficiency=efficiency,
+                         price=price)
     eff = efficiency_for(min(gpus, key=lambda x: x.hbm_gb_per_s), scheme.compute, efficiency, plan.engine)
     rows: list[dict[str, float | int | str]] = []
     notes = [f"efficiency: memory {eff.memory:.2f}, compute {eff.compute:.2f} ({eff.source})"]
@@ -456,26 +486,43 @@ def perf_report(
     if plan.ep > 1 and scheme.compute == "fp8":
         notes.append("EP dispatch assumed in fp8 with a bf16 combine (DeepEP's DeepSeek-V3 setting, as SGLang "
                      "runs it with DeepEP); an engine that dispatches bf16 moves about twice the dispatch bytes")
+    hourly = price.per_hour(gpus) if price is not None else None
+    if price is None:
+        notes.append(NO_PRICE_NOTE)
     if sweep:
         layout = layout_of(plan)
-        dense_bytes = sum(
-            n * scheme.bits_for(c) / 8 for layer in spec.layers for c, (n, _) in layer_params(spec, layer).items()
-        ) / layout.gpus_per_stage
+        dense = dense_counterpart(spec) if spec.is_moe else None
+        # The dense counterpart has no experts to spread: the same GPUs per stage run it tensor-parallel.
+        dense_layout = layout.model_copy(update={"tp": layout.gpus_per_stage, "ep": 1, "dp_attention": False})
+        batches = sorted(set(SWEEP_BATCHES) | ({plan.max_batch} if plan.max_batch else set()))
         fade = None
-        for b in SWEEP_BATCHES:
+        for b in batches:
             cost = step_cost(spec, scheme, layout, gpus, tokens_per_seq=1, batch=b, context=sc.context,
                              kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, engine=plan.engine)
-            # A dense model of equal total size reads every weight each step.
-            dense_s = max(cost.seconds, dense_bytes / (min(g.hbm_gb_per_s for g in gpus) * 1e9 * eff.memory))
-            advantage = dense_s / cost.seconds
-            if fade is None and advantage < 1.25:
-                fade = b
-            rows.append(dict(batch=b, distinct_experts=round(cost.distinct_experts, 2),
-                             bytes_per_step=round(cost.bytes), bound=cost.bound, tpot_s=cost.seconds,
-                             decode_tok_per_s_total=b / cost.seconds, moe_advantage=round(advantage, 2)))
-        if spec.is_moe:
-            notes.append(f"MoE advantage over a dense model of equal size fades (<1.25x) at batch {fade}"
-                         if fade else "MoE keeps a >1.25x advantage over a dense model across the sweep")
+            row: dict[str, float | int | str] = dict(
+                batch=b, fits="yes" if plan.max_batch and b <= plan.max_batch else "no",
+                bytes_per_step=round(cost.bytes), bound=cost.bound, tpot_s=cost.seconds,
+                decode_tok_per_s=1 / cost.seconds, decode_tok_per_s_total=b / cost.seconds)
+            if dense is not None:
+                dense_cost = step_cost(dense, scheme, dense_layout, gpus, tokens_per_seq=1, batch=b,
+                                       context=sc.context, kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency,
+                                       engine=plan.engine)
+                advantage = dense_cost.seconds / cost.seconds
+                if fade is None and advantage < 1.25:
+                    fade = b
+                row.update(distinct_experts=round(cost.distinct_experts, 2), dense_tpot_s=dense_cost.seconds,
+                           moe_advantage=round(advantage, 2))
+            if hourly is not None:
+                row["usd_per_million_output_tokens"] = per_million(hourly, b / cost.seconds)
+            rows.append(row)
+        if plan.max_batch:
+            notes.append(f"largest batch that fits at {sc.context:,} tokens: {plan.max_batch:,} (rows marked "
+                         "'no' would not fit)")
+        if dense is not None:
+            notes.append("dense counterpart: the same total parameters as one dense FFN per layer, every weight "
+                         "read and computed, the same KV cache; "
+                         + (f"the MoE's advantage fades (<1.25x) at batch {fade}" if fade
+                            else "the MoE keeps a >1.25x advantage across the sweep"))
     return PerfResult(
         model=spec.name, gpus=gpus_label or ",".join(g.name for g in gpus), quant=scheme.name, layout=plan.layout,
         batch=sc.batch, context=sc.context, prompt=prompt, decode_tok_per_s=sp.decode_tok_per_s,
@@ -483,8 +530,11 @@ def perf_report(
         tpot_s=sp.tpot_s, bound=sp.bound, tpot_s_low=sp.tpot_s_low, tpot_s_high=sp.tpot_s_high,
         ttft_s_low=sp.ttft_s_low, ttft_s_high=sp.ttft_s_high, decode_tok_per_s_low=sp.decode_tok_per_s_low,
         decode_tok_per_s_high=sp.decode_tok_per_s_high, decode_tok_per_s_total_low=sp.decode_tok_per_s_total_low,
-        decode_tok_per_s_total_high=sp.decode_tok_per_s_total_high, band_regime=sp.band_regime, engine=sp.engine, decode_bytes_per_step=dec.bytes, decode_distinct_experts=dec.distinct_experts,
-        comm_s_per_step=dec.comm_s, efficiency=eff, sweep=rows, notes=notes,
+        decode_tok_per_s_total_high=sp.decode_tok_per_s_total_high, band_regime=sp.band_regime, engine=sp.engine,
+        usd_per_hour=sp.usd_per_hour, usd_per_million_output_tokens=sp.usd_per_million_output_tokens,
+        usd_per_million_input_tokens=sp.usd_per_million_input_tokens, max_batch=plan.max_batch,
+        decode_bytes_per_step=dec.bytes, decode_distinct_experts=dec.distinct_experts, comm_s_per_step=dec.comm_s,
+        efficiency=eff, sweep=rows, notes=notes,
     )  # fmt: skip
 
 

@@ -67,6 +67,12 @@ class Speed(BaseModel):
     decode_tok_per_s_total_low: float = 0.0
     decode_tok_per_s_total_high: float = 0.0
     band_regime: str = ""
+    # Cost, only with --price (moeplan.cost): USD per hour of the plan's GPUs and per million tokens,
+    # output at the batch asked and at capacity, input at the prefill rate.
+    usd_per_hour: float | None = None
+    usd_per_million_output_tokens: float | None = None
+    usd_per_million_output_tokens_at_capacity: float | None = None
+    usd_per_million_input_tokens: float | None = None
 
 
 class Plan(BaseModel):

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rich.table import Table
 from rich.text import Text
 
+from moeplan.compare import CompareResult, CompareRow
 from moeplan.hardware import Gpu
 from moeplan.memory import MemoryReport
 from moeplan.params import ParamCount
@@ -212,12 +214,19 @@ def plans_table(res: FitResult) -> Table:
                       ("max context", "right"), ("max batch", "right"), ("tok/s/seq", "right"),
                       ("tok/s total", "right"), ("TTFT ms", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
+    priced = any(p.speed is not None and p.speed.usd_per_hour is not None for p in res.plans)
+    if priced:
+        table.add_column("USD/Mtok out", justify="right")
     for plan in res.plans:
         worst = max(plan.per_gpu, key=lambda r: r.used_bytes / max(r.budget_bytes, 1)) if plan.per_gpu else None
         use = f"{worst.used_bytes / GiB:,.1f}/{worst.budget_bytes / GiB:,.1f}" if worst else ""
+        cost = []
+        if priced:
+            usd = plan.speed.usd_per_million_output_tokens_at_capacity if plan.speed else None
+            cost = [f"{usd:,.3f}" if usd is not None else ""]
         table.add_row(plan.quant, plan.layout, plan.engine, "[green]yes[/green]" if plan.fits else "[red]no[/red]", use,
                       f"{plan.max_context:,}" if plan.fits else "-", f"{plan.max_batch:,}" if plan.fits else "-",
-                      *_speed_cells(plan))
+                      *_speed_cells(plan), *cost)
     return table
 
 
@@ -269,19 +278,86 @@ def perf_table(res: PerfResult) -> Table:
         ("communication per step", f"{res.comm_s_per_step * 1000:,.2f} ms", ""),
         ("engine assumed", res.engine, f"band: {res.band_regime}"),
     ]
+    if res.usd_per_hour is not None:
+        rows += [("price of the GPUs", f"{res.usd_per_hour:,.2f} USD/h", ""),
+                 ("USD per million output tokens", f"{res.usd_per_million_output_tokens:,.3f}",
+                  f"at batch {res.batch}"),
+                 ("USD per million input tokens", f"{res.usd_per_million_input_tokens:,.3f}", "at the prefill rate")]
     for k, v, band in rows:
         table.add_row(k, v, band)
     return table
 
 
 def sweep_table(res: PerfResult) -> Table:
+    moe = any("moe_advantage" in r for r in res.sweep)
+    priced = any("usd_per_million_output_tokens" in r for r in res.sweep)
     table = Table(title="batch sweep (decode)", title_justify="left")
-    for col in ("batch", "distinct experts/layer", "GB read/step", "bound", "TPOT ms", "tok/s total", "MoE vs dense"):
-        table.add_column(col, justify="right")
+    cols = ["batch", "fits", "TPOT ms", "tok/s/seq", "tok/s total", "GB read/step", "bound"]
+    cols += ["distinct experts/layer", "dense TPOT ms", "MoE vs dense"] if moe else []
+    cols += ["USD/Mtok out"] if priced else []
+    for col in cols:
+        table.add_column(col, justify="left" if col == "fits" else "right")
     for r in res.sweep:
-        table.add_row(str(r["batch"]), f"{float(r['distinct_experts']):,.1f}", f"{float(r['bytes_per_step']) / GB:,.2f}",
-                      str(r["bound"]), f"{float(r['tpot_s']) * 1000:,.2f}", f"{float(r['decode_tok_per_s_total']):,.0f}",
-                      f"{float(r['moe_advantage']):.2f}x")
+        fits = str(r["fits"])
+        cells = [str(r["batch"]), "[green]yes[/green]" if fits == "yes" else "[red]no[/red]",
+                 f"{float(r['tpot_s']) * 1000:,.2f}", f"{float(r['decode_tok_per_s']):,.1f}",
+                 f"{float(r['decode_tok_per_s_total']):,.0f}", f"{float(r['bytes_per_step']) / GB:,.2f}", str(r["bound"])]
+        if moe:
+            cells += [f"{float(r['distinct_experts']):,.1f}", f"{float(r['dense_tpot_s']) * 1000:,.2f}",
+                      f"{float(r['moe_advantage']):.2f}x"]
+        if priced:
+            cells.append(f"{float(r['usd_per_million_output_tokens']):,.3f}")
+        table.add_row(*cells, style=None if fits == "yes" else "dim")
+    return table
+
+
+def compare_table(res: CompareResult) -> Table:
+    """One column per model, one row per figure."""
+    table = Table(title=f"compare on {res.gpus}, context {res.context:,}, batch {res.batch}", title_justify="left")
+    table.add_column("figure")
+    for r in res.rows:
+        table.add_column(r.model, justify="right")
+
+    def cells(fn: Callable[[CompareRow], str]) -> list[str]:
+        return [fn(r) if r.fits else "-" for r in res.rows]
+
+    table.add_row("kind", *[r.kind for r in res.rows])
+    table.add_row("total / active params", *[f"{billions(r.total_params)} / {billions(r.active_params)}"
+                                             for r in res.rows])
+    table.add_row("fits", *["[green]yes[/green]" if r.fits else "[red]no[/red]" for r in res.rows])
+    table.add_row("best plan", *cells(lambda r: f"{r.quant} {r.layout} ({r.engine})"))
+    table.add_row("weights", *cells(lambda r: both(r.weights_bytes or 0)))
+    table.add_row(f"KV + state per sequence at {res.context:,}", *[both(r.kv_bytes_per_sequence) for r in res.rows])
+    table.add_row("weights read per token (all GPUs)", *cells(lambda r: gb(r.weights_read_per_token_bytes or 0)))
+    table.add_row(f"GB read per step, busiest GPU (batch {res.batch})",
+                  *cells(lambda r: gb(r.decode_bytes_per_step or 0)))
+    table.add_row("TTFT", *cells(lambda r: f"{(r.ttft_s or 0) * 1e3:,.1f} ms"))
+    table.add_row(f"TPOT (batch {res.batch})", *cells(lambda r: f"{(r.tpot_s or 0) * 1e3:,.2f} ms"))
+    table.add_row(f"tok/s per user (batch {res.batch})", *cells(lambda r: f"{r.decode_tok_per_s or 0:,.1f}"))
+    table.add_row(f"tok/s per user (batch {res.common_batch:,})",
+                  *cells(lambda r: f"{r.tok_per_s_per_user_at_common_batch or 0:,.1f}"))
+    table.add_row("largest batch that fits", *cells(lambda r: f"{r.max_batch:,}"))
+    table.add_row("tok/s total at capacity", *cells(lambda r: f"{r.capacity_tok_per_s or 0:,.0f} (batch "
+                                                              f"{r.capacity_batch:,})"))
+    if any(r.usd_per_million_output_tokens is not None for r in res.rows):
+        table.add_row("USD per million output tokens", *cells(lambda r: f"{r.usd_per_million_output_tokens:,.3f}"
+                                                              if r.usd_per_million_output_tokens is not None else ""))
+    return table
+
+
+def sweep_chart(res: PerfResult, width: int = 40) -> Table:
+    """The sweep as a compact chart: one bar of total tok/s per batch, per-user tok/s beside it."""
+    table = Table(title="tok/s total by batch (bar) and per user (right); dim: does not fit", title_justify="left",
+                  show_header=False, box=None)
+    table.add_column("batch", justify="right")
+    table.add_column("bar")
+    table.add_column("tok/s", justify="right")
+    top = max((float(r["decode_tok_per_s_total"]) for r in res.sweep), default=1.0) or 1.0
+    for r in res.sweep:
+        total = float(r["decode_tok_per_s_total"])
+        style = "cyan" if r["fits"] == "yes" else "dim"
+        bar = Text("#" * max(1, round(total / top * width)), style=style)
+        table.add_row(str(r["batch"]), bar, f"{total:,.0f} / {float(r['decode_tok_per_s']):,.1f} per user")
     return table
 
 

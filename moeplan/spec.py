@@ -329,6 +329,10 @@ SUPPORTED_MODEL_TYPES = (
     "hunyuan_v1_moe", "jamba", "qwen3_next", "qwen3_5_moe", "gemma4", "deepseek_v4", "deepseek_v32",
     "glm_moe_dsa", "minimax_m2",
 )  # fmt: skip
+# Mixture-of-experts types: a config of one of these without its expert keys is incomplete, not dense.
+MOE_MODEL_TYPES = tuple(t for t in SUPPORTED_MODEL_TYPES if t != "gemma4") + ("hunyuan", "grok-1", "minimax")
+# Dense types read by the common keys (and any unknown type whose config names no experts).
+DENSE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3", "gemma4")
 # Multimodal wrappers whose text model sits in text_config (transformers *ForConditionalGeneration).
 WRAPPER_MODEL_TYPES = (
     "llama4", "qwen3_5_moe", "qwen3_5", "qwen3_vl", "qwen3_vl_moe", "gemma4", "gemma3", "mistral3",
@@ -493,9 +497,10 @@ _TOPK_KEYS = ("num_experts_per_tok", "experts_per_token", "moe_top_k", "moe_topk
 
 def _missing_keys(cfg: _Cfg, model_type: str) -> list[str]:
     missing = [names[0] for names in _COMMON_REQUIRED.values() if cfg.get(*names) is None]
-    if cfg.get(*_EXPERT_KEYS) is None and model_type not in ("jamba",):
+    moe = model_type in MOE_MODEL_TYPES or cfg.get(*_EXPERT_KEYS) is not None
+    if moe and cfg.get(*_EXPERT_KEYS) is None and model_type not in ("jamba",):
         missing.append("num_local_experts (or num_experts / n_routed_experts)")
-    if cfg.get(*_TOPK_KEYS) is None:
+    if moe and cfg.get(*_TOPK_KEYS) is None:
         missing.append("num_experts_per_tok")
     if cfg.get("moe_intermediate_size", "intermediate_size", "ffn_config.ffn_hidden_size") is None:
         missing.append("intermediate_size (or moe_intermediate_size)")
@@ -561,6 +566,9 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
         n_experts = 16  # transformers JambaConfig default
     if model_type == "gemma4" and not cfg.get("enable_moe_block", default=False):
         n_experts = 0  # Gemma 4 dense sizes (E2B, E4B, 31B): no expert block
+    # A dense model: a dense type, or any type that is not a known MoE and names no experts at all.
+    dense = n_experts == 0 and not is_jamba and (
+        model_type in DENSE_MODEL_TYPES or (model_type not in MOE_MODEL_TYPES and cfg.get(*_TOPK_KEYS) is None))
     attn_bias = bool(cfg.get("attention_bias", default=False))
     dense_inter = int(_scalar(cfg.get("intermediate_size", default=0)) or 0)
     if n_experts:
@@ -568,9 +576,10 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
         # Expert FFN width. NOTE: Mixtral-style configs reuse intermediate_size for the experts.
         expert_inter_key = ("moe_intermediate_size", "ffn_config.ffn_hidden_size", "intermediate_size")
         expert_inter = _positive_int(_scalar(cfg.need(*expert_inter_key)), "moe_intermediate_size", label)
-    elif model_type == "gemma4":
+    elif dense:
         topk, expert_inter = 0, 0
-        _positive_int(cfg.need("intermediate_size"), "intermediate_size", label)
+        dense_inter = _positive_int(_scalar(cfg.need("intermediate_size", "ffn_dim", "n_inner")), "intermediate_size",
+                                    label)
     else:
         topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), cfg.which(*_TOPK_KEYS), label, 1)
         expert_inter = _positive_int(_scalar(cfg.need("moe_intermediate_size", "ffn_config.ffn_hidden_size",
@@ -770,8 +779,12 @@ def _family(cfg: _Cfg, model_type: str, f: dict[str, Any]) -> None:
         width = int(get("shared_expert_intermediate_size", default=0) or 0)
         f.update(num_shared_experts=1 if width else 0, shared_expert_intermediate_size=width)
         f.update(shared_expert_gate=bool(width), qkv_bias=True, o_bias=False)
-    elif model_type == "qwen3_moe":
+    elif model_type in ("qwen3_moe", "qwen3"):
         f.update(qk_norm="per_head", o_bias=False)
+    elif model_type == "qwen2":
+        f.update(qkv_bias=True, o_bias=False)
+    elif model_type in ("gemma", "gemma2", "gemma3"):
+        _gemma_dense(cfg, f, model_type)
     elif model_type in ("qwen3_next", "qwen3_5_moe", "qwen3_5"):
         _qwen3_next(cfg, f, model_type)
     elif model_type == "gemma4":
@@ -932,6 +945,27 @@ def _dtype_bytes(value: Any, key: str, label: str) -> float:
     if key_name not in sizes:
         raise ConfigError(f"{label}: '{key}' {value!r} is not a dtype moeplan knows (float32, bfloat16, float16)")
     return sizes[key_name]
+
+
+def _gemma_dense(cfg: _Cfg, f: dict[str, Any], model_type: str) -> None:
+    """Gemma 1/2/3 text models (transformers modeling_gemma*): tied embeddings; Gemma 2 and 3 add pre-
+    and post-feedforward norms (four per layer) and alternate sliding and global layers when the config
+    has no layer_types (Gemma 2: every other layer, transformers Gemma2Config; Gemma 3: five of six,
+    sliding_window_pattern); Gemma 3 has per-head q/k norms."""
+    get = cfg.get
+    f["tie_word_embeddings"] = bool(get("tie_word_embeddings", default=True))
+    if model_type == "gemma":
+        return
+    f["norms_per_layer"] = 4
+    if model_type == "gemma3":
+        f["qk_norm"] = "per_head"
+    window = _window(get("sliding_window"), cfg.label)
+    if window and get("layer_types") is None:
+        period = 2 if model_type == "gemma2" else _positive_int(get("sliding_window_pattern", default=6),
+                                                                 "sliding_window_pattern", cfg.label)
+        for i, layer in enumerate(f["layers"]):
+            sliding = (i + 1) % period != 0
+            layer.update(mixer="sliding" if sliding else "full", window=window if sliding else None)
 
 
 def _gemma4(cfg: _Cfg, f: dict[str, Any]) -> None:

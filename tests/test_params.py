@@ -428,7 +428,13 @@ def test_missing_keys_are_all_named() -> None:
 def test_empty_config_names_every_required_key() -> None:
     with pytest.raises(ConfigError) as err:
         spec_from_config({}, name="empty")
-    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "num_experts_per_tok"):
+    # A config that names no experts may be a dense model (issue 16): the common keys and the FFN width.
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size", "intermediate_size"):
+        assert key in str(err.value)
+    # A MoE type without its expert keys is still incomplete, and says which.
+    with pytest.raises(ConfigError) as err:
+        spec_from_config({"model_type": "mixtral"}, name="empty-mixtral")
+    for key in ("hidden_size", "num_local_experts", "num_experts_per_tok"):
         assert key in str(err.value)
 
 
