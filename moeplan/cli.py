@@ -179,6 +179,11 @@ TpOpt = typer.Option(None, "--tp", help="Force tensor-parallel GPUs per stage.")
 EpOpt = typer.Option(None, "--ep", help="Force expert-parallel GPUs (1, the --tp size, or with --dp-attention a stage).")
 PpOpt = typer.Option(None, "--pp", help="Force pipeline stages.")
 DpOpt = typer.Option(False, "--dp-attention", help="Force attention data-parallel beside expert parallelism (SGLang).")
+RoutingOpt = typer.Option(None, "--routing", help="Expert routing: uniform (default), zipf:S, or a file of per-layer "
+                          "expert frequencies (JSON or CSV).")
+CapacityOpt = typer.Option(None, "--capacity-factor", help="Per-expert token budget C (GShard), for engines that "
+                           "enforce one; vLLM/SGLang do not.")
+RedundantOpt = typer.Option(0, "--redundant-experts", help="EPLB replicas of the hottest experts per EP group.")
 PreferOpt = typer.Option(None, "--prefer", help="Rank plans for latency, throughput or memory (default: latency at "
                          "batch 1, throughput otherwise).")
 
@@ -189,6 +194,17 @@ def _request(tp: int | None, ep: int | None, pp: int | None, dp_attention: bool)
     if tp is None and ep is None and pp is None and not dp_attention:
         return None
     return LayoutRequest(tp=tp, ep=ep, pp=pp, dp_attention=dp_attention)
+
+
+def _routing(text: str | None, spec: Any) -> Any:
+    """--routing parsed against the model's experts (None for a dense model or uniform routing)."""
+    if text is None:
+        return None
+    from moeplan.routing import parse_routing
+
+    if not spec.is_moe:
+        raise MoeplanError(f"--routing: {spec.name} has no experts to route to")
+    return parse_routing(text, spec.num_experts, spec.num_moe_layers)
 
 
 def _parse_size(text: str | None) -> int | None:
@@ -223,6 +239,9 @@ def fit_cmd(
     price: str | None = typer.Option(None, "--price", help="USD per GPU-hour: 2.49, or H100=2.49,A100-80GB=1.29."),
     plot: Path | None = typer.Option(None, "--plot", help="Draw the best plan's memory per GPU to FILE (.svg or "
                                      ".png; needs moeplan[plot])."),
+    routing: str | None = RoutingOpt,
+    capacity_factor: float | None = CapacityOpt,
+    redundant_experts: int = RedundantOpt,
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
@@ -244,10 +263,12 @@ def fit_cmd(
 
         check_target(plot)
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
-    rank = ranker(nodes=n_nodes, price=cost_price)
+    routed = _routing(routing, spec)
+    rank = ranker(nodes=n_nodes, price=cost_price, routing=routed)
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
               mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank, gpus_label=label,
-              layout=_request(tp, ep, pp, dp_attention), prefer=prefer)
+              layout=_request(tp, ep, pp, dp_attention), prefer=prefer, redundant_experts=redundant_experts,
+              capacity_factor=capacity_factor)
     command = _emit(emit, spec, res, gpu_list, rank) if emit else None
     extra = list(speed_basis(gpu_list, res.best))
     if cost_price is None:
@@ -308,6 +329,9 @@ def perf(
     price: str | None = typer.Option(None, "--price", help="USD per GPU-hour: 2.49, or H100=2.49,A100-80GB=1.29."),
     plot: Path | None = typer.Option(None, "--plot", help="Draw the batch sweep to FILE (.svg or .png; needs "
                                      "moeplan[plot])."),
+    routing: str | None = RoutingOpt,
+    capacity_factor: float | None = CapacityOpt,
+    redundant_experts: int = RedundantOpt,
     tp: int | None = TpOpt,
     ep: int | None = EpOpt,
     pp: int | None = PpOpt,
@@ -338,16 +362,19 @@ def perf(
 
         check_target(plot)
     label = gpus if n_nodes == 1 else f"{n_nodes} nodes x {gpus}"
+    routed = _routing(routing, spec)
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
-              mem_fraction=mem_fraction, rank=ranker(nodes=n_nodes, prompt=prompt, price=cost_price),
-              gpus_label=label, layout=_request(tp, ep, pp, dp_attention), prefer=prefer)
+              mem_fraction=mem_fraction, rank=ranker(nodes=n_nodes, prompt=prompt, price=cost_price, routing=routed),
+              gpus_label=label, layout=_request(tp, ep, pp, dp_attention), prefer=prefer,
+              redundant_experts=redundant_experts, capacity_factor=capacity_factor)
     if res.best is None:
         out.print(fit_verdict(res)) if not as_json else _print_json(res.model_dump())
         raise typer.Exit(EXIT_MISS)
     scheme = get_scheme(res.best.quant).for_model(spec)
-    sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction)
+    sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction,
+                  redundant_experts=redundant_experts, capacity_factor=capacity_factor)
     rep = perf_report(spec, scheme, res.best, gpu_list, sc, prompt=prompt, nodes=n_nodes, gpus_label=label,
-                      sweep=sweep or plot is not None, price=cost_price)
+                      sweep=sweep or plot is not None, price=cost_price, routing=routed)
     if plot is not None:
         from moeplan.plot import plot_sweeps
 

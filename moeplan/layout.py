@@ -146,6 +146,29 @@ class Scenario(BaseModel):
     mem_fraction: float = 0.90
     chunk_tokens: int = 8192
     cuda_graphs: bool = True
+    # EPLB: replicas of the hottest experts per EP group (--redundant-experts), and a capacity factor
+    # for engines that enforce one (--capacity-factor; vLLM/SGLang inference do not).
+    redundant_experts: int = 0
+    capacity_factor: float | None = None
+
+
+def local_experts(spec: ModelSpec, layout: Layout, rank: int, sc: Scenario) -> int:
+    """Routed experts (replicas included) on EP rank `rank`: E // ep, one more on the first E % ep;
+    with N redundant experts every rank gets ceil((E + N) / ep) slots, as EPLB fills them."""
+    if layout.ep <= 1:
+        return spec.num_experts
+    if sc.redundant_experts:
+        return math.ceil((spec.num_experts + sc.redundant_experts) / layout.ep)
+    return expert_share(spec.num_experts, layout.ep, rank % layout.ep)
+
+
+def dispatch_buffer_bytes(spec: ModelSpec, layout: Layout, sc: Scenario, local: int) -> int:
+    """With a capacity factor C, an EP rank reserves per local expert a budget of ceil(C x T x k / E)
+    token rows (GShard) for dispatch and as many for combine, bf16, T the prefill chunk's tokens."""
+    if sc.capacity_factor is None or layout.ep <= 1 or not spec.is_moe:
+        return 0
+    cap = math.ceil(sc.capacity_factor * sc.chunk_tokens * spec.experts_per_token / spec.num_experts)
+    return 2 * local * cap * spec.hidden_size * 2
 
 
 def stage_weights(
@@ -231,12 +254,13 @@ def gpu_rows(
     cache: dict[tuple[int, int], tuple[dict[str, int], CacheBytes, int]] = {}
     for i, gpu in enumerate(gpus):
         stage, rank = divmod(i, g)
-        local = expert_share(spec.num_experts, layout.ep, rank % layout.ep) if layout.ep > 1 else spec.num_experts
+        local = local_experts(spec, layout, rank, sc)
         key = (stage, local)
         if key not in cache:
             weights = stage_weights(spec, scheme, layout, stage, local)
             held = stage_cache(spec, layout, stage, sc.context, sc.batch, sc.kv_dtype)
             act = stage_activation_bytes(spec, layout, stage, sc, sc.context, sc.batch)
+            act += dispatch_buffer_bytes(spec, layout, sc, local)
             cache[key] = (weights, held, act)
         weights, held, act = cache[key]
         kv = held.total

@@ -40,7 +40,7 @@ from moeplan.params import (
 )  # fmt: skip
 from moeplan.plan import Plan, Speed, layout_of
 from moeplan.quant import QuantScheme, kv_dtype_bytes
-from moeplan.routing import rank_load
+from moeplan.routing import Routing, drop_fraction, rank_load
 from moeplan.spec import LayerSpec, ModelSpec
 
 # A floor per decoder layer per step: even under CUDA graphs a MoE layer runs 10-20 kernels
@@ -168,6 +168,7 @@ def step_cost(
     engine: str | None = None,
     cuda_graphs: bool = True,
     probs: Sequence[float] | None = None,
+    redundant: int = 0,
 ) -> StepCost:
     """One forward step: `batch` sequences each adding `tokens_per_seq` tokens on `context` cached.
 
@@ -203,7 +204,7 @@ def step_cost(
     kvb = kv_dtype_bytes(kv_dtype)
     k = spec.experts_per_token
     if spec.is_moe and layout.ep > 1:
-        load = rank_load(spec.num_experts, k, tokens, layout.ep, probs)
+        load = rank_load(spec.num_experts, k, tokens, layout.ep, probs, redundant)
         local_touched = load.distinct_max  # the busiest rank's expert reads
         local_pairs = load.assignments_max  # and its token-expert pairs (FLOPs)
     elif spec.is_moe:
@@ -381,6 +382,11 @@ class PerfResult(BaseModel):
     usd_per_million_output_tokens: float | None = None
     usd_per_million_input_tokens: float | None = None
     max_batch: int = 0  # the largest batch that fits at this context
+    routing: str = "uniform"
+    busiest_rank_experts: float = 0.0  # expected distinct experts on the busiest EP rank per decode step
+    busiest_rank_pairs: float = 0.0  # and its token-expert pairs
+    drop_fraction_decode: float | None = None  # with --capacity-factor: share of pairs over budget
+    drop_fraction_prefill: float | None = None
     decode_bytes_per_step: float
     decode_distinct_experts: float
     comm_s_per_step: float
@@ -402,8 +408,10 @@ def max_num_seqs(engine: str, gpus: tuple[Gpu, ...]) -> int:
 def speed(
     spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario, *,
     prompt: int | None = None, nodes: int = 1, efficiency: Efficiency | None = None, price: Price | None = None,
+    routing: Routing | None = None,
 ) -> tuple[Speed, StepCost, StepCost]:
     layout = layout_of(plan)
+    probs = routing.mean() if routing is not None else None
     engine = plan.engine
     off = frozenset(plan.offload.offloaded_layer_ids) if plan.offload else frozenset()
     graphs = sc.cuda_graphs if not scheme.gguf else True  # llama.cpp captures CUDA graphs by default
@@ -411,7 +419,7 @@ def speed(
     def step(tokens_per_seq: int, batch: int, context: int) -> StepCost:
         return step_cost(spec, scheme, layout, gpus, tokens_per_seq=tokens_per_seq, batch=batch, context=context,
                          kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, offloaded=off, engine=engine,
-                         cuda_graphs=graphs)
+                         cuda_graphs=graphs, probs=probs, redundant=sc.redundant_experts if layout.ep > 1 else 0)
 
     dec = step(1, sc.batch, sc.context)
     s = prompt or min(sc.context, 1024)
@@ -435,12 +443,13 @@ def speed(
     return sp, dec, pre
 
 
-def ranker(*, nodes: int = 1, prompt: int | None = None, price: Price | None = None) -> Callable[..., Plan]:
+def ranker(*, nodes: int = 1, prompt: int | None = None, price: Price | None = None,
+           routing: Routing | None = None) -> Callable[..., Plan]:
     """fit's ranking hook for a deployment over `nodes` nodes (an EP all-to-all beyond one node
-    crosses the network), a prompt of `prompt` tokens for TTFT, and a price for cost."""
+    crosses the network), a prompt of `prompt` tokens for TTFT, a price for cost and the routing."""
 
     def rank(spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario) -> Plan:
-        sp, _, _ = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes, price=price)
+        sp, _, _ = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes, price=price, routing=routing)
         return plan.model_copy(update={"speed": sp})
 
     return rank
@@ -474,10 +483,12 @@ def dense_counterpart(spec: ModelSpec) -> ModelSpec:
 def perf_report(
     spec: ModelSpec, scheme: QuantScheme, plan: Plan, gpus: tuple[Gpu, ...], sc: Scenario, *,
     prompt: int, nodes: int = 1, gpus_label: str = "", sweep: bool = True, efficiency: Efficiency | None = None,
-    price: Price | None = None,
+    price: Price | None = None, routing: Routing | None = None,
 ) -> PerfResult:
     sp, dec, pre = speed(spec, scheme, plan, gpus, sc, prompt=prompt, nodes=nodes, efficiency=efficiency,
-                         price=price)
+                         price=price, routing=routing)
+    probs = routing.mean() if routing is not None else None
+    redundant = sc.redundant_experts if plan.ep > 1 else 0
     eff = efficiency_for(min(gpus, key=lambda x: x.hbm_gb_per_s), scheme.compute, efficiency, plan.engine)
     rows: list[dict[str, float | int | str]] = []
     notes = [f"efficiency: memory {eff.memory:.2f}, compute {eff.compute:.2f} ({eff.source})"]
@@ -489,6 +500,22 @@ def perf_report(
     hourly = price.per_hour(gpus) if price is not None else None
     if price is None:
         notes.append(NO_PRICE_NOTE)
+    load = None
+    if spec.is_moe:
+        load = rank_load(spec.num_experts, spec.experts_per_token, sc.batch, max(plan.ep, 1), probs, redundant)
+        if routing is not None and not routing.uniform:
+            uniform = rank_load(spec.num_experts, spec.experts_per_token, sc.batch, max(plan.ep, 1))
+            notes.append(f"routing {routing.label}: {load.distinct_total:,.1f} distinct experts per layer per decode "
+                         f"step against {uniform.distinct_total:,.1f} uniform; busiest EP rank "
+                         f"{load.assignments_max:,.1f} token-expert pairs against {uniform.assignments_max:,.1f}")
+    drops: dict[str, float] = {}
+    if sc.capacity_factor is not None and spec.is_moe:
+        drops = {"decode": drop_fraction(spec.num_experts, spec.experts_per_token, sc.batch, sc.capacity_factor, probs),
+                 "prefill": drop_fraction(spec.num_experts, spec.experts_per_token, min(sc.chunk_tokens, prompt),
+                                          sc.capacity_factor, probs)}
+        notes.append(f"capacity factor {sc.capacity_factor:g}: {drops['decode']:.2%} of token-expert pairs over "
+                     f"budget per decode step, {drops['prefill']:.2%} per prefill chunk (dropped or rerouted); "
+                     "vLLM/SGLang inference drop none")
     if sweep:
         layout = layout_of(plan)
         dense = dense_counterpart(spec) if spec.is_moe else None
@@ -498,7 +525,8 @@ def perf_report(
         fade = None
         for b in batches:
             cost = step_cost(spec, scheme, layout, gpus, tokens_per_seq=1, batch=b, context=sc.context,
-                             kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, engine=plan.engine)
+                             kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, engine=plan.engine,
+                             probs=probs, redundant=redundant)
             row: dict[str, float | int | str] = dict(
                 batch=b, fits="yes" if plan.max_batch and b <= plan.max_batch else "no",
                 bytes_per_step=round(cost.bytes), bound=cost.bound, tpot_s=cost.seconds,
@@ -533,6 +561,10 @@ def perf_report(
         decode_tok_per_s_total_high=sp.decode_tok_per_s_total_high, band_regime=sp.band_regime, engine=sp.engine,
         usd_per_hour=sp.usd_per_hour, usd_per_million_output_tokens=sp.usd_per_million_output_tokens,
         usd_per_million_input_tokens=sp.usd_per_million_input_tokens, max_batch=plan.max_batch,
+        routing=routing.label if routing is not None else "uniform",
+        busiest_rank_experts=load.distinct_max if load is not None else 0.0,
+        busiest_rank_pairs=load.assignments_max if load is not None else 0.0,
+        drop_fraction_decode=drops.get("decode"), drop_fraction_prefill=drops.get("prefill"),
         decode_bytes_per_step=dec.bytes, decode_distinct_experts=dec.distinct_experts, comm_s_per_step=dec.comm_s,
         efficiency=eff, sweep=rows, notes=notes,
     )  # fmt: skip

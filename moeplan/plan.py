@@ -13,8 +13,8 @@ from pydantic import BaseModel, ConfigDict
 from moeplan.errors import MoeplanError
 from moeplan.hardware import Gpu
 from moeplan.layout import (
-    GpuUse, Layout, Scenario, candidate_layouts, even_stages, gpu_rows, stage_activation_bytes, stage_kv_bytes,
-    uneven_stages,
+    GpuUse, Layout, Scenario, candidate_layouts, dispatch_buffer_bytes, even_stages, gpu_rows, stage_activation_bytes,
+    stage_kv_bytes, uneven_stages,
 )  # fmt: skip
 from moeplan.kv_cache import cache_bytes
 from moeplan.memory import MAX_CONTEXT, activation_bytes, check_context, overhead_bytes, weight_bytes
@@ -111,6 +111,23 @@ class LayoutRequest(BaseModel):
     def label(self) -> str:
         parts = [f"--{k} {v}" for k, v in (("tp", self.tp), ("ep", self.ep), ("pp", self.pp)) if v is not None]
         return " ".join(parts + (["--dp-attention"] if self.dp_attention else [])) or "(none)"
+
+
+MAX_REDUNDANT_EXPERTS_PER_EXPERT = 1  # EPLB gives a hot expert a few replicas, not the whole model again
+
+
+def check_expert_options(spec: ModelSpec, redundant: int, capacity_factor: float | None) -> None:
+    """--redundant-experts and --capacity-factor in range, before any planning."""
+    if capacity_factor is not None and (not math.isfinite(capacity_factor) or capacity_factor <= 0
+                                        or capacity_factor > 64):
+        raise MoeplanError(f"--capacity-factor must be above 0 (and at most 64), got {capacity_factor}")
+    if redundant < 0:
+        raise MoeplanError(f"--redundant-experts must be 0 or more, got {redundant}")
+    if redundant and not spec.is_moe:
+        raise MoeplanError(f"--redundant-experts: {spec.name} has no experts")
+    if redundant > spec.num_experts * MAX_REDUNDANT_EXPERTS_PER_EXPERT:
+        raise MoeplanError(f"--redundant-experts {redundant} is more replicas than {spec.name}'s {spec.num_experts} "
+                           "experts (DeepSeek serves V3's 256 with 32)")
 
 
 def engine_for(scheme: QuantScheme, layout: Layout) -> str:
@@ -237,6 +254,7 @@ def _rows_fit(spec: ModelSpec, layout: Layout, rows: list[GpuUse], sc: Scenario,
     for row in rows:
         kv = stage_kv_bytes(spec, layout, row.stage, context, batch, sc.kv_dtype)
         act = stage_activation_bytes(spec, layout, row.stage, sc, context, batch)
+        act += dispatch_buffer_bytes(spec, layout, sc, row.local_experts)
         if row.weights_bytes + kv + act + row.overhead_bytes > row.budget_bytes:
             return False
     return True
@@ -313,6 +331,8 @@ def fit(
     gpus_label: str = "",
     layout: LayoutRequest | None = None,
     prefer: str | None = None,
+    redundant_experts: int = 0,
+    capacity_factor: float | None = None,
 ) -> FitResult:
     """Every quantization candidate x every layout (or the one `layout` forces), checked per GPU.
     `rank` attaches speed; `prefer` orders the plans (latency at batch 1, throughput otherwise)."""
@@ -324,8 +344,17 @@ def fit(
     forced = check_request(spec, gpus, nodes, layout) if layout is not None else None
     if not 0.1 <= mem_fraction <= 1.0:
         raise MoeplanError(f"--mem-fraction must be between 0.1 and 1.0, got {mem_fraction}")
-    sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction)
+    check_expert_options(spec, redundant_experts, capacity_factor)
+    sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction,
+                  redundant_experts=redundant_experts, capacity_factor=capacity_factor)
     notes: list[str] = []
+    if redundant_experts:
+        notes.append(f"{redundant_experts} redundant experts (EPLB) on expert-parallel layouts: replicas of the "
+                     "hottest experts, ceil((E + N) / ep) expert slots per GPU; layouts without EP ignore them")
+    if capacity_factor is not None:
+        notes.append(f"capacity factor {capacity_factor:g}: each EP rank reserves dispatch and combine buffers of "
+                     "ceil(C x chunk x k / E) tokens per expert; vLLM and SGLang inference enforce no capacity and "
+                     "drop no tokens, so this applies only to engines that set one")
     schemes = quant_candidates(spec, quant)
     usable = [s for s in schemes if kv_dtype_usable(kv_dtype, s)]
     if not usable:  # the asked-for quant (or every candidate) cannot use this KV type: say why

@@ -162,30 +162,62 @@ def _hyper(pop: float, good: int, draws: int, j: int) -> float:
 
 
 def rank_load(
-    num_experts: int, top_k: int, tokens: float, ranks: int, probs: Sequence[float] | None = None
+    num_experts: int, top_k: int, tokens: float, ranks: int, probs: Sequence[float] | None = None,
+    redundant: int = 0,
 ) -> RankLoad:
     """The expected per-rank and busiest-rank loads of one MoE layer for `tokens` tokens.
 
-    `probs`: each expert's share of routed picks (uniform when None); skewed routing passes its own."""
-    if probs is None:
+    `probs`: each expert's share of routed picks (uniform when None); skewed routing passes its own.
+    `redundant`: replicas of the hottest experts placed to balance the ranks (eplb_placement)."""
+    if probs is None and redundant == 0:
         return _uniform_rank_load(num_experts, top_k, round(tokens), ranks)
-    return _rank_load(num_experts, top_k, tokens, ranks, tuple(probs))
+    q = pick_probs(probs, num_experts, top_k)
+    if redundant:
+        q, placement = eplb_placement(q, ranks, redundant)
+    else:
+        placement = [list(r) for r in blocks(num_experts, max(ranks, 1))]
+    return _rank_load(q, top_k, tokens, placement)
 
 
 @lru_cache(maxsize=4096)
 def _uniform_rank_load(num_experts: int, top_k: int, tokens: int, ranks: int) -> RankLoad:
-    return _rank_load(num_experts, top_k, tokens, ranks, None)
+    placement = [list(r) for r in blocks(num_experts, max(ranks, 1))]
+    return _rank_load(pick_probs(None, num_experts, top_k), top_k, tokens, placement)
 
 
-def _rank_load(
-    num_experts: int, top_k: int, tokens: float, ranks: int, probs: tuple[float, ...] | None
-) -> RankLoad:
-    q = pick_probs(probs, num_experts, top_k)
+def eplb_placement(q: Sequence[float], ranks: int, redundant: int) -> tuple[list[float], list[list[int]]]:
+    """DeepSeek EPLB-style balancing (deepseek-ai/EPLB): `redundant` extra replicas go one at a time to
+    the expert whose replicas carry the most load each; each replica takes an equal share of its
+    expert's picks. Replicas are then placed hottest first on the least-loaded rank that has a free
+    slot and does not hold that expert yet (slots per rank: ceil((E + N) / ranks)). Returns the
+    per-token pick probability of every replica and the replica ids on each rank."""
+    replicas = [1] * len(q)
+    for _ in range(redundant):
+        e = max(range(len(q)), key=lambda i: q[i] / replicas[i])
+        replicas[e] += 1
+    virtual = [(e, q[e] / replicas[e]) for e in range(len(q)) for _ in range(replicas[e])]
+    order = sorted(range(len(virtual)), key=lambda i: -virtual[i][1])
+    slots = -(-len(virtual) // max(ranks, 1))
+    load = [0.0] * ranks
+    held: list[set[int]] = [set() for _ in range(ranks)]
+    placement: list[list[int]] = [[] for _ in range(ranks)]
+    for i in order:
+        e, w = virtual[i]
+        free = [r for r in range(ranks) if len(placement[r]) < slots and e not in held[r]]
+        free = free or [r for r in range(ranks) if len(placement[r]) < slots]
+        r = min(free, key=lambda x: load[x])
+        placement[r].append(i)
+        held[r].add(e)
+        load[r] += w
+    return [w for _, w in virtual], placement
+
+
+def _rank_load(q: list[float], top_k: int, tokens: float, placement: list[list[int]]) -> RankLoad:
     t = max(tokens, 0.0)
+    ranks = len(placement)
     touched = [1 - (1 - qe) ** t for qe in q]
-    placement = blocks(num_experts, max(ranks, 1))
     # Ranks with the same experts' probabilities share their distributions: compute each once.
-    groups: Counter[tuple[float, ...]] = Counter(tuple(round(q[e], 12) for e in rng) for rng in placement)
+    groups: Counter[tuple[float, ...]] = Counter(tuple(sorted(round(q[e], 12) for e in rng)) for rng in placement)
     distinct_pmfs, assign_stats, token_stats = [], [], []
     for q_rank, count in groups.items():
         p_touch = [1 - (1 - qe) ** t for qe in q_rank]
@@ -218,7 +250,7 @@ def _rank_load(
     )  # fmt: skip
 
 
-def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[range]) -> tuple[float, float, float]:
+def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[list[int]]) -> tuple[float, float, float]:
     """E[max over ranks] of distinct experts, assignments and received tokens, averaged over _SAMPLES
     batches drawn as the model says (k distinct experts per token, expert e with weight q_e), seeded
     so every call gives the same figure."""
@@ -429,3 +461,50 @@ def _read_routing_file(path_text: str) -> list[list[float]]:
             if rows:  # a header is only allowed first
                 raise MoeplanError(f"--routing {path_text}: a CSV row that is not numbers: {record[:4]}") from None
     return rows
+
+
+def expert_capacity(capacity_factor: float, tokens: float, num_experts: int, top_k: int) -> int:
+    """Per-expert token budget (GShard, arXiv:2006.16668; Switch Transformer, arXiv:2101.03961):
+    capacity = ceil(C x tokens x k / E)."""
+    return math.ceil(capacity_factor * tokens * top_k / num_experts)
+
+
+def drop_fraction(num_experts: int, top_k: int, tokens: int, capacity_factor: float,
+                  probs: Sequence[float] | None = None) -> float:
+    """Expected share of token-expert assignments over budget (dropped, or rerouted) in one layer:
+    sum_e E[(L_e - capacity)+] / (tokens x k), with expert e's load L_e ~ Binomial(tokens, q_e).
+    vLLM and SGLang inference enforce no capacity: this applies only where a factor is set."""
+    from moeplan.errors import MoeplanError
+
+    if not math.isfinite(capacity_factor) or capacity_factor <= 0:
+        raise MoeplanError(f"--capacity-factor must be above 0, got {capacity_factor}")
+    if tokens <= 0:
+        return 0.0
+    cap = expert_capacity(capacity_factor, tokens, num_experts, top_k)
+    over = 0.0
+    for qe in pick_probs(probs, num_experts, top_k):
+        over += _expected_excess(tokens, qe, cap)
+    return over / (tokens * top_k)
+
+
+def _expected_excess(n: int, p: float, cap: int) -> float:
+    """E[(X - cap)+] for X ~ Binomial(n, p): exact below 4096 trials, else the normal approximation."""
+    if p <= 0 or cap >= n:
+        return 0.0
+    if n <= 4096:
+        mean = n * p
+        # E[(X-c)+] = E[X] - c + E[(c-X)+], the last term a short sum over x < c.
+        below = 0.0
+        log_p, log_q = math.log(p), math.log1p(-p) if p < 1 else -math.inf
+        for x in range(0, cap):
+            if p >= 1:
+                break
+            lpmf = math.lgamma(n + 1) - math.lgamma(x + 1) - math.lgamma(n - x + 1) + x * log_p + (n - x) * log_q
+            below += (cap - x) * math.exp(lpmf)
+        return max(0.0, mean - cap + below)
+    mean, sd = n * p, math.sqrt(n * p * (1 - p))
+    if sd == 0:
+        return max(0.0, mean - cap)
+    z = (cap - mean) / sd
+    pdf = math.exp(-z * z / 2) / math.sqrt(2 * math.pi)
+    return sd * pdf + (mean - cap) * (1 - _phi(z))
