@@ -73,6 +73,8 @@ class Case:
     nodes: int = 1
     layout: tuple[int, int, bool] | None = None
     cpu_mem: str | None = None  # for `fit --cpu-mem` (expert offload)
+    cpu_bw: str | None = None  # `fit --cpu-bw`: the host RAM bandwidth the source measured
+    n_cpu_moe: int | None = None  # `fit --n-cpu-moe`: the layers the source offloaded
     current: bool = True  # an engine release of 2025 or later
     same_check: str = ""  # the row whose check this one repeats (one deployment read twice), or ""
     set: str = "fit"
@@ -138,6 +140,10 @@ FIT_CASES: tuple[Case, ...] = (
     # 12 decoder layers the user left on the CPU.
     Case("rtx4090-offload", "mixtral-8x7b", "1xRTX4090", "q5_k_m", "offload_decode_tok_s", context=8192,
          prompt=512, cpu_mem="64GB", current=False),
+    # llama.cpp --n-cpu-moe 36 on an 8 GB card, the host's quad-channel DDR4 measured at ~102 GB/s by the
+    # source; context not stated (4,096 assumed; it moves little at batch 1).
+    Case("llmfit-755-qwen3-30b", "qwen3-30b-a3b", "1xRTX2080", "q4_k_m", "offload_decode_tok_s", context=4096,
+         prompt=512, cpu_mem="62GB", cpu_bw="102", n_cpu_moe=36),
     # TensorRT-LLM int8 weight-only (baseten-truss): int8 expert weights, bf16 GEMMs.
     Case("trtllm-a100-ttft", "mixtral-8x7b", "1xA100", "experts=int8,rest=bf16", "ttft_ms", context=640, prompt=512,
          current=False),
@@ -244,8 +250,7 @@ def cli_command(case: Case) -> str:
     nodes = f" --nodes {case.nodes}" if case.nodes > 1 else ""
     quant = f"'{case.quant}'" if "," in case.quant else case.quant
     if case.cpu_mem:
-        return (f"moeplan fit {case.model} --gpus {case.gpus}{nodes} --quant {quant} --context {case.context} "
-                f"--cpu-mem {case.cpu_mem} --json")
+        return f"moeplan fit {case.model} --gpus {case.gpus}{nodes} --quant {quant} " + " ".join(_offload_args(case))
     forced = ""
     if case.layout is not None:
         tp, ep, dp = case.layout
@@ -339,12 +344,19 @@ def _metric(case: Case, steps: dict[str, StepCost], n_gpus: int) -> float:
     raise ValueError(f"{case.id}: metric {case.metric} needs the CLI path")
 
 
+def _offload_args(case: Case) -> list[str]:
+    args = ["--context", str(case.context), "--cpu-mem", str(case.cpu_mem)]
+    args += ["--cpu-bw", case.cpu_bw] if case.cpu_bw else []
+    args += ["--n-cpu-moe", str(case.n_cpu_moe)] if case.n_cpu_moe else []
+    return [*args, "--json"]
+
+
 @cache
 def _fit_cli(case: Case) -> dict[str, Any]:
     """Fitting rows without a stated layout: exactly the CLI command (llama.cpp, offload, TensorRT-LLM)."""
     if case.cpu_mem:
-        out = _run_cli(("fit", case.model, "--gpus", case.gpus, "--quant", case.quant, "--context",
-                        str(case.context), "--cpu-mem", case.cpu_mem))
+        out = _run_cli(("fit", case.model, "--gpus", case.gpus, "--quant", case.quant,
+                        *_offload_args(case)[:-1]))
         speed = out["best"]["speed"]
         return {**speed, "layout": out["best"]["layout"], "fits": True}
     out = _run_cli(("perf", case.model, "--gpus", case.gpus, "--quant", case.quant, "--batch", str(case.batch),

@@ -196,6 +196,22 @@ def _request(tp: int | None, ep: int | None, pp: int | None, dp_attention: bool)
     return LayoutRequest(tp=tp, ep=ep, pp=pp, dp_attention=dp_attention)
 
 
+def _offload_options(cpu_bw: str | None, disk_bw: float | None, locality: float | None,
+                     expert_cache: int | None, n_cpu_moe: int | None = None) -> Any:
+    from moeplan.offload import DEFAULT_LOCALITY, disk_bandwidth, ram_bandwidth
+    from moeplan.plan import OffloadOptions
+
+    if locality is not None and not 0 <= locality <= 1:
+        raise MoeplanError(f"--locality must be between 0 and 1, got {locality}")
+    if expert_cache is not None and expert_cache < 0:
+        raise MoeplanError(f"--expert-cache must be 0 or more slots per layer, got {expert_cache}")
+    if n_cpu_moe is not None and n_cpu_moe < 1:
+        raise MoeplanError(f"--n-cpu-moe must be at least 1 layer, got {n_cpu_moe}")
+    return OffloadOptions(host_gb_per_s=ram_bandwidth(cpu_bw), disk_gb_per_s=disk_bandwidth(disk_bw),
+                          locality=DEFAULT_LOCALITY if locality is None else locality, cache_slots=expert_cache,
+                          cpu_moe_layers=n_cpu_moe)
+
+
 def _routing(text: str | None, spec: Any) -> Any:
     """--routing parsed against the model's experts (None for a dense model or uniform routing)."""
     if text is None:
@@ -242,10 +258,22 @@ def fit_cmd(
     routing: str | None = RoutingOpt,
     capacity_factor: float | None = CapacityOpt,
     redundant_experts: int = RedundantOpt,
+    cpu_bw: str | None = typer.Option(None, "--cpu-bw", help="Host RAM bandwidth for offload: ddr4, ddr5 (default), "
+                                      "ddr5-server, or GB/s."),
+    disk_bw: float | None = typer.Option(None, "--disk-bw", help="GB/s experts are read from disk when RAM is short "
+                                         "(llama.cpp mmap; default 1.5)."),
+    locality: float | None = typer.Option(None, "--locality", help="P(an expert is used again by the next token); "
+                                          "default 0.34, measured for Mixtral-8x7B."),
+    expert_cache: int | None = typer.Option(None, "--expert-cache", help="GPU expert-cache slots per layer for the "
+                                            "cached-offload figures (default: what the GPUs have left)."),
+    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Offload the experts of this many MoE layers, as "
+                                         "llama.cpp --n-cpu-moe N (default: the fewest that fit)."),
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
-    """Does it fit? Every layout checked per GPU; largest context and batch; expert offload."""
+    """Does it fit? Every layout checked per GPU; largest context and batch; expert offload.
+
+    Example: moeplan fit mixtral-8x7b --gpus 2x24GB"""
     from moeplan.hardware import parse_gpus
     from moeplan.perf import ranker
     from moeplan.plan import fit
@@ -268,7 +296,7 @@ def fit_cmd(
     res = fit(spec, gpu_list, nodes=n_nodes, context=context, batch=batch, quant=quant, kv_dtype=kv_dtype,
               mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank, gpus_label=label,
               layout=_request(tp, ep, pp, dp_attention), prefer=prefer, redundant_experts=redundant_experts,
-              capacity_factor=capacity_factor)
+              capacity_factor=capacity_factor, offload=_offload_options(cpu_bw, disk_bw, locality, expert_cache, n_cpu_moe))
     command = _emit(emit, spec, res, gpu_list, rank) if emit else None
     extra = list(speed_basis(gpu_list, res.best))
     if cost_price is None:
@@ -303,7 +331,7 @@ def fit_cmd(
         if command:
             out.print(f"\n[b]launch ({emit}):[/b]")
             out.print(command, markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(EXIT_OK if res.fits or (res.best is not None and res.best.offload) else EXIT_MISS)
+    raise typer.Exit(EXIT_OK if res.fits else EXIT_MISS)  # true or "offload": it runs
 
 
 def _emit(engine: str, spec: Any, res: Any, gpus: Any, rank: Any) -> str | None:
@@ -546,9 +574,12 @@ def check(
     fmt: str = typer.Option("table", "--format", "-f", help="table, json, markdown (PR comment) or github "
                             "(workflow annotations)."),
     print_schema: bool = typer.Option(False, "--schema", help="Print the spec's JSON Schema and exit."),
+    as_json: bool = typer.Option(False, "--json", help="Same as --format json (as on every other command)."),
 ) -> None:
     """Plan each deployment spec and check its targets: exit 0 all pass, 1 any misses, 2 any invalid."""
     from moeplan import deploy
+
+    fmt = "json" if as_json else fmt
 
     if print_schema:
         _print_json(deploy.schema())

@@ -29,10 +29,12 @@ from moeplan.layout import Scenario
 from moeplan.memory import MAX_CONTEXT
 from moeplan.cost import parse_price
 from moeplan.plan import (
-    FitResult, LayoutRequest, Plan, check_request, fit, plan_offload, plans_for_quant, quant_candidates, scorer,
+    FitResult, LayoutRequest, OffloadOptions, Plan, check_expert_options, check_request, fit, plan_offload,
+    plans_for_quant, quant_candidates, scorer,
 )
 from moeplan.plan import engine_runs as core_engine_runs
 from moeplan.quant import QuantScheme, get_scheme, kv_dtype_bytes, kv_dtype_usable, native_scheme
+from moeplan.routing import Routing
 from moeplan.sources import HUB_ID, looks_like_path, resolve
 from moeplan.spec import ModelSpec
 
@@ -59,6 +61,9 @@ ENGINE_FLAGS: dict[str, dict[str, str]] = {
         "--kv-cache-dtype": "V11 arg_utils.py:769; V33 :1397",
         "--gpu-memory-utilization": "V11 arg_utils.py:764 (default 0.9); V33 :1388 (default 0.92)",
         "--quantization": "V11 arg_utils.py:548; V33 :992",
+        "--enable-eplb": "vllm/config/parallel.py ParallelConfig.enable_eplb (v0.10+); docs.vllm.ai expert parallel "
+                         "deployment, EPLB",
+        "--eplb-config": "vllm/config/parallel.py EPLBConfig (num_redundant_experts, default 0; v0.11+)",
     },
     "sglang": {
         "--model-path": "S52 server_args.py:860; S23 fields/model.py:51",
@@ -77,6 +82,8 @@ ENGINE_FLAGS: dict[str, dict[str, str]] = {
         "--nnodes": "S52 server_args.py:1421; S23 fields/parallel.py (nnodes)",
         "--node-rank": "S52 server_args.py:1424; S23 fields/parallel.py (node_rank)",
         "--dist-init-addr": "S52 server_args.py:1415; S23 fields/parallel.py (dist_init_addr)",
+        "--enable-eplb": "S52 server_args.py (enable_eplb); docs.sglang.io advanced_features/expert_parallelism",
+        "--ep-num-redundant-experts": "S52 server_args.py (ep_num_redundant_experts, default 0)",
     },
     "llama.cpp": {
         "-m": "L common/arg.cpp:3035",
@@ -162,12 +169,31 @@ class Serving(_Strict):
     mem_fraction: float = Field(0.9, ge=0.1, le=1.0, description="Share of each GPU's memory the engine may use.")
     cpu_mem_gb: float | None = Field(None, gt=0, description="llama.cpp only: host RAM (GB = 1e9 bytes) for "
                                                              "an expert-offload plan when nothing fits on the GPUs.")
+    cpu_bw: str | None = Field(None, description="llama.cpp offload: host RAM bandwidth, ddr4, ddr5 (default), "
+                                                 "ddr5-server, or GB/s.")
+    routing: str | None = Field(None, description="Expert routing the speed targets are checked under: uniform "
+                                                  "(default), zipf:S, or a file of per-layer expert frequencies "
+                                                  "(JSON or CSV; a relative path is read beside the spec).")
+    redundant_experts: int = Field(0, ge=0, description="EPLB replicas of the hottest experts per EP group (vLLM "
+                                                        "--eplb-config num_redundant_experts, SGLang "
+                                                        "--ep-num-redundant-experts).")
+    capacity_factor: float | None = Field(None, gt=0, le=64, description="Per-expert token budget C (engines that "
+                                                                         "enforce one; vLLM/SGLang drop no tokens).")
 
     @field_validator("kv_dtype")
     @classmethod
     def _known_kv(cls, value: str) -> str:
         _as_value_error(kv_dtype_bytes, value)  # names the known dtypes
         return value.strip().lower()
+
+    @field_validator("cpu_bw")
+    @classmethod
+    def _known_bw(cls, value: str | None) -> str | None:
+        if value is not None:
+            from moeplan.offload import ram_bandwidth
+
+            _as_value_error(ram_bandwidth, value)
+        return value
 
 
 class Targets(_Strict):
@@ -419,6 +445,11 @@ def engine_problems(spec: DeploySpec) -> list[tuple[Loc, str]]:
         out.append((("nodes",), f"llama-server serves from one host; nodes must be 1 for llama.cpp, got {spec.nodes}"))
     if spec.serving.cpu_mem_gb is not None and spec.engine != "llama.cpp":
         out.append((("serving", "cpu_mem_gb"), "expert offload to CPU RAM is planned for llama.cpp only"))
+    if spec.serving.cpu_bw is not None and spec.serving.cpu_mem_gb is None:
+        out.append((("serving", "cpu_bw"), "cpu_bw is the offload RAM bandwidth: set serving.cpu_mem_gb with it"))
+    if spec.serving.redundant_experts and spec.engine == "llama.cpp":
+        out.append((("serving", "redundant_experts"), "llama.cpp has no expert parallelism to balance; "
+                                                      "redundant experts are for vllm or sglang"))
     prompt = spec.targets.prompt_tokens
     if prompt is not None and prompt > spec.serving.context:
         out.append((("targets", "prompt_tokens"), f"prompt_tokens ({prompt}) exceeds serving.context "
@@ -483,12 +514,12 @@ def _price_text(value: float | dict[str, float]) -> str:
     return str(value)
 
 
-def default_ranker(spec: DeploySpec) -> Ranker:
-    """moeplan.perf's speed at the spec's prompt length and node count, with cost when priced."""
+def default_ranker(spec: DeploySpec, routing: Routing | None = None) -> Ranker:
+    """moeplan.perf's speed at the spec's prompt length, node count and routing, with cost when priced."""
     from moeplan.perf import ranker
 
     price = parse_price(_price_text(spec.price)) if spec.price is not None else None
-    return ranker(nodes=spec.nodes, prompt=spec.targets.prompt_tokens, price=price)
+    return ranker(nodes=spec.nodes, prompt=spec.targets.prompt_tokens, price=price, routing=routing)
 
 
 def engine_runs(engine: str, plan: Plan) -> bool:
@@ -509,7 +540,36 @@ def engine_candidates(engine: str, model: ModelSpec, quant: str | None, kv_dtype
 
 def _scenario(spec: DeploySpec) -> Scenario:
     s = spec.serving
-    return Scenario(context=s.context, batch=s.batch, kv_dtype=s.kv_dtype, mem_fraction=s.mem_fraction)
+    return Scenario(context=s.context, batch=s.batch, kv_dtype=s.kv_dtype, mem_fraction=s.mem_fraction,
+                    redundant_experts=s.redundant_experts, capacity_factor=s.capacity_factor)
+
+
+def spec_routing(spec: DeploySpec, model: ModelSpec) -> Routing | None:
+    """serving.routing against the model's experts; a relative file is read beside the spec."""
+    text = spec.serving.routing
+    if text is None:
+        return None
+    from moeplan.routing import parse_routing
+
+    field, line = "serving.routing", spec.line_of("serving.routing")
+    if not model.is_moe:
+        raise SpecError(spec.path, [SpecProblem(field=field, line=line, message=f"{model.name} has no experts to "
+                                                                                "route to")])
+    name = text.strip()
+    if spec.path and not name.lower().startswith(("uniform", "zipf:")) and not Path(name).is_absolute():
+        name = str(Path(spec.path).parent / name)
+    try:
+        return parse_routing(name, model.num_experts, model.num_moe_layers)
+    except MoeplanError as exc:
+        raise SpecError(spec.path, [SpecProblem(field=field, line=line, message=str(exc))]) from None
+
+
+def _expert_options(spec: DeploySpec, model: ModelSpec) -> None:
+    try:
+        check_expert_options(model, spec.serving.redundant_experts, spec.serving.capacity_factor)
+    except MoeplanError as exc:
+        field = "serving.redundant_experts" if "redundant" in str(exc) else "serving.capacity_factor"
+        raise SpecError(spec.path, [SpecProblem(field=field, line=spec.line_of(field), message=str(exc))]) from None
 
 
 def _engine_plan(
@@ -551,7 +611,8 @@ def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes
                 f"{spec.engine} runs no quantization of {model.name} in {request.label}"))])
     for scheme in schemes:
         fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name, kv_dtype=sc.kv_dtype,
-                 mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus, layout=request)  # fmt: skip
+                 mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus, layout=request,
+                 redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)  # fmt: skip
         notes = [n for n in fr.notes if "--cpu-mem" not in n]
         plan = _engine_plan(spec.engine, fr, model, scheme, gpus, nodes, sc, rank, request)
         if plan is not None:
@@ -561,7 +622,12 @@ def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes
                          f"({', '.join(p.layout for p in fr.plans if p.fits)})")
         misses += [p for p in fr.plans if not p.fits]
     if spec.engine == "llama.cpp" and spec.serving.cpu_mem_gb:
-        offload = plan_offload(model, gpus, sc, int(spec.serving.cpu_mem_gb * 1e9), spec.quant)
+        options = None
+        if spec.serving.cpu_bw is not None:
+            from moeplan.offload import ram_bandwidth
+
+            options = OffloadOptions(host_gb_per_s=ram_bandwidth(spec.serving.cpu_bw))
+        offload = plan_offload(model, gpus, sc, int(spec.serving.cpu_mem_gb * 1e9), spec.quant, options=options)
         if offload is not None:
             if rank is not None:
                 offload = rank(model, get_scheme(offload.quant).for_model(model), offload, gpus, sc)
@@ -652,7 +718,9 @@ def check(spec: DeploySpec, *, rank: Ranker | None = None) -> CheckResult:
                                     for loc, m in problems])  # fmt: skip
     model = resolve(spec.model)
     gpus, nodes = parse_gpus(spec.gpus, spec.nodes)
-    choice = choose_plan(spec, model, gpus, nodes, rank if rank is not None else default_ranker(spec))
+    routing = spec_routing(spec, model)
+    _expert_options(spec, model)
+    choice = choose_plan(spec, model, gpus, nodes, rank if rank is not None else default_ranker(spec, routing))
     found = findings(spec, choice)
     run = None
     if choice.plan is not None:
@@ -781,6 +849,9 @@ def _vllm(model: ModelSpec, plan: Plan, serving: Serving, nodes: int, name: str)
         "--gpu-memory-utilization", _mem(serving.mem_fraction),
     ]  # fmt: skip
     flags, notes = _quant_flags("vllm", model, plan, name)
+    if serving.redundant_experts and plan.ep > 1:
+        # vLLM EPLBConfig.num_redundant_experts (vllm/config/parallel.py), EPLB on.
+        flags += ["--enable-eplb", "--eplb-config", f'{{"num_redundant_experts": {serving.redundant_experts}}}']
     if nodes > 1:
         notes.append(f"{nodes} nodes: start a Ray cluster over them and run this on its head node (vLLM spreads "
                      "ranks over Ray); vLLM 0.33 can instead take per-node rank flags")
@@ -806,6 +877,8 @@ def _sglang(model: ModelSpec, plan: Plan, serving: Serving, nodes: int, name: st
     ]  # fmt: skip
     flags, notes = _quant_flags("sglang", model, plan, name)
     argv += flags
+    if serving.redundant_experts and plan.ep > 1:
+        argv += ["--enable-eplb", "--ep-num-redundant-experts", str(serving.redundant_experts)]
     if nodes > 1:
         argv += ["--nnodes", str(nodes), "--node-rank", "0", "--dist-init-addr", "${HEAD_IP}:50000"]
         notes.append(f"run the same command on each of the {nodes} nodes with --node-rank 0..{nodes - 1}; "
@@ -837,6 +910,12 @@ def _llamacpp(model: ModelSpec, plan: Plan, serving: Serving, name: str) -> Laun
         argv += ["--tensor-split", ",".join(str(n) for n in plan.stage_layers)]  # layers per GPU as proportions
     notes = [f"-m takes a local GGUF file: download or convert {name} at {plan.quant.upper()} "
              "(for split files give the first part)"]
+    if plan.offload is not None:
+        blocks = "|".join(str(i) for i in plan.offload.offloaded_layer_ids)
+        notes.append(f"the same placement with -ot: -ot 'blk\\.({blocks})\\.ffn_.*_exps\\.=CPU' in place of --n-cpu-moe")
+        if plan.offload.tier == "disk":
+            notes.append("host RAM holds only part of the offloaded experts: keep llama.cpp's default mmap so the "
+                         "rest is read from disk (do not pass --no-mmap or --mlock)")
     return Launch(engine="llama.cpp", env={}, argv=argv, notes=notes)
 
 

@@ -52,8 +52,8 @@ class Gpu(BaseModel):
 
 # Links, one direction per GPU. Sources: NVIDIA datasheets via [aic] ai-dynamo/aiconfigurator
 # systems/*.yaml (300/450/900 GB/s per direction for NVLink3/4/5); PCIe: 32 GB/s x16 Gen4 raw,
-# ~25 effective; Gen5 ~50 effective (PCI-SIG rates less protocol overhead).
-PCIE4, PCIE5 = 25.0, 50.0
+# ~25 effective; Gen5 ~50 effective; Gen3 16 raw, ~12.5 effective (PCI-SIG rates less protocol overhead).
+PCIE3, PCIE4, PCIE5 = 12.5, 25.0, 50.0
 _SRC_AIC = "[aic] ai-dynamo/aiconfigurator systems/*.yaml; NVIDIA datasheet"
 
 
@@ -62,6 +62,11 @@ def _mib(n: int) -> int:
 
 
 CATALOG: tuple[Gpu, ...] = (
+    # Turing has no bf16: the 16-bit figure is FP16 with FP32 accumulate (GeForce rate), as llama.cpp runs it.
+    Gpu(name="RTX2080", aliases=("2080", "RTX-2080", "GEFORCE-RTX-2080"), memory_bytes=8 * GB,
+        usable_bytes=_mib(8192), hbm_gb_per_s=448, bf16_tflops=40.3, int8_tops=161.1, link="PCIe3",
+        link_gb_per_s=PCIE3, pcie_gb_per_s=PCIE3,
+        source="NVIDIA Turing TU104 whitepaper (RTX 2080 reference: 448 GB/s, 40.3 FP16 TFLOPS FP32-acc)"),
     Gpu(name="RTX3090", aliases=("3090", "RTX-3090", "GEFORCE-RTX-3090"), memory_bytes=24 * GB,
         usable_bytes=_mib(24576), hbm_gb_per_s=936, bf16_tflops=71, int8_tops=284, link="PCIe4",
         link_gb_per_s=PCIE4, pcie_gb_per_s=PCIE4, source="leiblog; NVIDIA Ampere GA102 whitepaper (71 TFLOPS FP32-acc)"),
@@ -202,7 +207,7 @@ def match_device_name(device_name: str) -> Gpu | None:
         ("GB200", "GB200"), ("B200", "B200"), ("H200", "H200"), ("H100 PCIE", "H100-PCIe"), ("H100", "H100"),
         ("H800", "H100"), ("A100-SXM4-40GB", "A100-40GB"), ("A100-PCIE-40GB", "A100-40GB"), ("A100", "A100-80GB"),
         ("L40S", "L40S"), ("A10G", "A10G"), ("L4", "L4"), ("RTX A6000", "A6000"), ("4090", "RTX4090"),
-        ("5090", "RTX5090"), ("3090", "RTX3090"), ("MI300X", "MI300X"), ("MI325X", "MI325X"),
+        ("5090", "RTX5090"), ("3090", "RTX3090"), ("2080", "RTX2080"), ("MI300X", "MI300X"), ("MI325X", "MI325X"),
     ]  # fmt: skip
     for needle, name in checks:
         if needle in text:

@@ -40,6 +40,7 @@ from moeplan.params import (
 )  # fmt: skip
 from moeplan.plan import Plan, Speed, layout_of
 from moeplan.quant import QuantScheme, kv_dtype_bytes
+from moeplan.offload import offload_speed
 from moeplan.routing import Routing, drop_fraction, rank_load
 from moeplan.spec import LayerSpec, ModelSpec
 
@@ -86,13 +87,17 @@ def distinct_experts_per_rank(num_experts: int, top_k: int, tokens: float, ep: i
 # benchmarks/validate.py --fit-efficiency` (tests/test_validation.py checks these equal its output):
 # - gpu serving (vLLM, SGLang): InferenceX #870, SGLang 0.5.7, DeepSeek-R1 TP8 on 8 x H200 at
 #   concurrency 8-64 (the fitting set's current single-node rows);
-# - llama.cpp: the M2 Max llama-bench table of llama.cpp PR#4406 (Mixtral, seven quantizations).
+# - llama.cpp: the M2 Max llama-bench table of llama.cpp PR#4406 (Mixtral, seven quantizations);
+# - llama.cpp cpu experts: the share of the host RAM bandwidth (--cpu-bw) llama.cpp's CPU kernels reach
+#   on experts kept in RAM (--n-cpu-moe), on the two offload rows (ollama#1556; llmfit PR#755).
 # aiconfigurator's 0.80 bandwidth derate ([aic] systems/*.yaml) stays the figure for anything else.
-ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "llama.cpp": 0.636}
+ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "llama.cpp": 0.636,
+                                              "llama.cpp cpu experts": 0.493}
 EFFICIENCY_FIT_ROWS = {
     "gpu serving": ("inferencex-c8-tpot", "inferencex-c16-tpot", "inferencex-c32-tpot", "inferencex-c64-tpot"),
     "llama.cpp": ("m2max-q2_k", "m2max-q3_k_m", "m2max-q4_k_m", "m2max-q4_0", "m2max-q5_k_m", "m2max-q6_k",
                   "m2max-q8_0"),
+    "llama.cpp cpu experts": ("rtx4090-offload", "llmfit-755-qwen3-30b"),
 }
 
 
@@ -326,10 +331,10 @@ def _offload_time(spec: ModelSpec, scheme: QuantScheme, touched: float, gpu: Gpu
 # three fitting rows use "any", the whole fitting set's range.
 ERROR_BANDS: dict[str, tuple[float, float]] = {
     "gpu serving, batch 1-4": (0.81, 1.78), "gpu serving, batch > 4": (0.59, 1.15),
-    "llama.cpp, batch 1-4": (0.80, 1.34), "llama.cpp, offload": (1.71, 1.71), "any": (0.59, 1.78),
+    "llama.cpp, batch 1-4": (0.80, 1.34), "llama.cpp, offload": (0.96, 1.04), "any": (0.59, 1.78),
 }
 BAND_ROWS: dict[str, int] = {"gpu serving, batch 1-4": 2, "gpu serving, batch > 4": 16, "llama.cpp, batch 1-4": 7,
-                             "llama.cpp, offload": 1, "any": 26}
+                             "llama.cpp, offload": 2, "any": 27}
 _MIN_BAND_ROWS = 3
 
 
@@ -425,6 +430,26 @@ def speed(
     s = prompt or min(sc.context, 1024)
     pre = step(s, 1, s)
     tpot = dec.seconds
+    offload_fields: dict[str, float] = {}
+    if plan.offload is not None and spec.is_moe:
+        # Decode with experts in host memory: the step as if every expert were on the GPU, plus each
+        # offloaded expert the batch touches served from RAM (or disk) (moeplan.offload).
+        o = plan.offload
+        resident = step_cost(spec, scheme, layout, gpus, tokens_per_seq=1, batch=sc.batch, context=sc.context,
+                             kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, engine=engine, probs=probs)
+        k_eff = max(1, round(resident.distinct_experts))  # experts a layer's step touches
+        common = dict(base_tpot_s=resident.seconds, offloaded_layers=o.cpu_moe_layers, num_experts=spec.num_experts,
+                      top_k=min(k_eff, spec.num_experts), expert_bytes=o.expert_bytes, locality=o.locality,
+                      pcie_gb_per_s=min(g.pcie_gb_per_s for g in gpus), host_gb_per_s=o.host_gb_per_s,
+                      disk_gb_per_s=o.disk_gb_per_s, ram_share=o.ram_share, probs=probs)
+        bare = offload_speed(slots=0, cpu_efficiency=ENGINE_MEMORY_EFFICIENCY["llama.cpp cpu experts"],
+                             **common)  # type: ignore[arg-type]
+        # The cache engine keeps every MoE layer's experts in host memory, o.cache_slots of them per layer
+        # on the GPU.
+        cached = offload_speed(slots=o.cache_slots, **{**common, "offloaded_layers": o.moe_layers})  # type: ignore[arg-type]
+        tpot = bare.mean_tpot_s
+        offload_fields = {"offload_p99_tpot_s": bare.p99_tpot_s, "cache_hit_rate": cached.hit_rate,
+                          "cache_tpot_s": cached.mean_tpot_s, "cache_p99_tpot_s": cached.p99_tpot_s}
     cap = min(max(plan.max_batch, sc.batch), max_num_seqs(engine, gpus)) if plan.max_batch else sc.batch
     cap_s = tpot if cap == sc.batch else step(1, cap, sc.context).seconds
     lo, hi, regime = error_band(engine, sc.batch, offload=plan.offload is not None)
@@ -433,7 +458,8 @@ def speed(
                ttft_s=pre.seconds, tpot_s=tpot, bound=dec.bound, capacity_batch=cap, capacity_tok_per_s=cap / cap_s,
                engine=engine, tpot_s_low=tpot * lo, tpot_s_high=tpot * hi, ttft_s_low=pre.seconds * lo,
                ttft_s_high=pre.seconds * hi, decode_tok_per_s_low=rate / hi, decode_tok_per_s_high=rate / lo,
-               decode_tok_per_s_total_low=total / hi, decode_tok_per_s_total_high=total / lo, band_regime=regime)
+               decode_tok_per_s_total_low=total / hi, decode_tok_per_s_total_high=total / lo, band_regime=regime,
+               **offload_fields)
     if price is not None:
         hourly = price.per_hour(gpus)
         sp = sp.model_copy(update={

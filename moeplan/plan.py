@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,9 +19,10 @@ from moeplan.layout import (
 )  # fmt: skip
 from moeplan.kv_cache import cache_bytes
 from moeplan.memory import MAX_CONTEXT, activation_bytes, check_context, overhead_bytes, weight_bytes
+from moeplan.offload import DEFAULT_LOCALITY, DEFAULT_RAM, DISK_GB_PER_S, RAM_GB_PER_S
 from moeplan.params import (
     EMBEDDING, HYPER_CONNECTIONS, LM_HEAD, PER_LAYER_EMBEDDING, ROUTED_EXPERTS, VISION, hyper_head_params,
-    layer_params, norm_params, per_layer_embedding_params, vision_params,
+    expert_params, layer_params, norm_params, per_layer_embedding_params, vision_params,
 )  # fmt: skip
 from moeplan.quant import LADDER, QuantScheme, get_scheme, kv_dtype_bytes, kv_dtype_usable, native_scheme
 from moeplan.spec import ModelSpec
@@ -31,8 +33,21 @@ OFFLOAD_LADDER = ("q8_0", "q6_k", "q4_k_m", "q3_k_m", "q2_k", "iq1_s")
 LLAMACPP_UBATCH = 512  # llama.cpp n_ubatch default: its prefill chunk
 
 
+class OffloadOptions(BaseModel):
+    """Host-side settings of an offload plan (moeplan.offload): RAM and disk bandwidth, routing locality,
+    and a fixed number of GPU cache slots per offloaded layer (None: what the GPUs have left)."""
+
+    model_config = ConfigDict(frozen=True)
+    host_gb_per_s: float = RAM_GB_PER_S[DEFAULT_RAM]
+    disk_gb_per_s: float = DISK_GB_PER_S
+    locality: float = DEFAULT_LOCALITY
+    cache_slots: int | None = None
+    cpu_moe_layers: int | None = None  # llama.cpp --n-cpu-moe as the user runs it (None: the fewest that fit)
+
+
 class Offload(BaseModel):
-    """Routed experts of the first `cpu_moe_layers` MoE layers kept in CPU RAM (llama.cpp --n-cpu-moe)."""
+    """Routed experts of the first `cpu_moe_layers` MoE layers kept in host memory (llama.cpp
+    --n-cpu-moe), RAM first and disk (mmap) for what RAM cannot hold."""
 
     model_config = ConfigDict(frozen=True)
     engine: str = "llama.cpp"
@@ -42,6 +57,13 @@ class Offload(BaseModel):
     cpu_budget_bytes: int
     gpu_layers: tuple[int, ...]  # decoder layers per GPU (llama.cpp --tensor-split)
     offloaded_layer_ids: tuple[int, ...]
+    tier: str = "ram"  # "disk" when RAM holds only ram_share of the offloaded experts
+    ram_share: float = 1.0
+    host_gb_per_s: float = RAM_GB_PER_S[DEFAULT_RAM]
+    disk_gb_per_s: float = DISK_GB_PER_S
+    locality: float = DEFAULT_LOCALITY
+    cache_slots: int = 0  # experts per offloaded layer an engine with a GPU expert cache would keep
+    expert_bytes: int = 0
 
 
 class Speed(BaseModel):
@@ -73,6 +95,12 @@ class Speed(BaseModel):
     usd_per_million_output_tokens: float | None = None
     usd_per_million_output_tokens_at_capacity: float | None = None
     usd_per_million_input_tokens: float | None = None
+    # Expert offload (moeplan.offload): llama.cpp's time per token (no cache) and its p99, and what an
+    # engine with an LRU GPU expert cache of the plan's slots would give.
+    offload_p99_tpot_s: float | None = None
+    cache_hit_rate: float | None = None
+    cache_tpot_s: float | None = None
+    cache_p99_tpot_s: float | None = None
 
 
 class Plan(BaseModel):
@@ -212,7 +240,8 @@ class FitResult(BaseModel):
     batch: int
     kv_dtype: str
     mem_fraction: float
-    fits: bool
+    # true: a plan fits on the GPUs; "offload": it runs with experts in host memory (exit 0); false: neither.
+    fits: bool | Literal["offload"]
     best: Plan | None
     plans: list[Plan]
     verdicts: list[QuantVerdict]
@@ -333,6 +362,7 @@ def fit(
     prefer: str | None = None,
     redundant_experts: int = 0,
     capacity_factor: float | None = None,
+    offload: OffloadOptions | None = None,
 ) -> FitResult:
     """Every quantization candidate x every layout (or the one `layout` forces), checked per GPU.
     `rank` attaches speed; `prefer` orders the plans (latency at batch 1, throughput otherwise)."""
@@ -400,25 +430,38 @@ def fit(
             verdicts.append(QuantVerdict(quant=scheme.name, fits=False, weights_bytes=w,
                                          reason=f"best layout {near.layout}: {near.overflow}"))
     offload_plan = None
+    offload_plans: list[Plan] = []
     if not fitting and cpu_mem_bytes:
-        offload_plan = plan_offload(spec, gpus, sc, cpu_mem_bytes, quant)
-        ladder = [get_scheme(q) for q in OFFLOAD_LADDER]
-        if offload_plan is None and spec.is_moe and not quant and not any(kv_dtype_usable(kv_dtype, s) for s in ladder):
+        offload_plans = plan_offloads(spec, gpus, sc, cpu_mem_bytes, quant, options=offload)
+        ladder = [get_scheme(q) for q in offload_ladder(spec)]
+        if not offload_plans and spec.is_moe and not quant and not any(kv_dtype_usable(kv_dtype, s) for s in ladder):
             notes.append(f"expert offload is planned for llama.cpp (--n-cpu-moe), which has no {kv_dtype} KV cache: "
                          "use --kv-dtype fp16, q8_0 or q4_0 for an offload plan")
-        if offload_plan is not None and rank is not None:
-            offload_plan = rank(spec, get_scheme(offload_plan.quant).for_model(spec), offload_plan, gpus, sc)
+        if rank is not None:
+            offload_plans = [rank(spec, get_scheme(p.quant).for_model(spec), p, gpus, sc) for p in offload_plans]
+        in_ram = [p for p in offload_plans if p.offload is not None and p.offload.tier == "ram"]
+        offload_plan = (in_ram or offload_plans or [None])[0]
+        if offload_plan is None and offload is not None and offload.cpu_moe_layers is not None:
+            notes.append(f"--n-cpu-moe {offload.cpu_moe_layers} leaves more on the GPUs than they hold with every "
+                         "type tried: offload more layers, or leave --n-cpu-moe out for the fewest that fit")
+        if offload_plan is not None and offload_plan.offload is not None and offload_plan.offload.tier == "disk":
+            notes.append("no offload type fits the host RAM: the rest of the experts are read from disk (llama.cpp "
+                         "mmaps the model file); give more --cpu-mem or a smaller --quant")
     elif not fitting and spec.is_moe:
         notes.append("nothing fits on the GPUs: give --cpu-mem (host RAM, e.g. 768GB) for an expert-offload plan")
     score = scorer(prefer)
     best = _best(fitting, schemes, score) if fitting else offload_plan
-    plans = _shortlist(fitting, best, score) if fitting else ([offload_plan] if offload_plan else []) + closest
+    if fitting:
+        plans = _shortlist(fitting, best, score)
+    else:
+        plans = ([offload_plan] if offload_plan else []) + [p for p in offload_plans if p is not offload_plan] + closest
     notes.append(f"ranked for {prefer}" + (" (the default at batch 1)" if prefer == "latency" and batch == 1 else "")
                  + {"latency": ": lowest TPOT at the batch asked", "throughput": ": most output tok/s at the largest "
                     "batch each layout holds", "memory": ": most free memory on the fullest GPU"}[prefer])
     return FitResult(
         model=spec.name, gpus=gpus_label or ",".join(g.name for g in gpus), num_gpus=len(gpus), nodes=nodes,
-        context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction, fits=bool(fitting),
+        context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction,
+        fits=True if fitting else ("offload" if offload_plan is not None else False),
         best=best, plans=plans, verdicts=verdicts, notes=notes,
     )  # fmt: skip
 
@@ -497,18 +540,41 @@ def _assign(layer_gpu_bytes: list[int], rooms: list[int]) -> tuple[int, ...] | N
     return tuple(counts)
 
 
+def offload_ladder(spec: ModelSpec) -> tuple[str, ...]:
+    """GGUF types to try for expert offload, largest first. gpt-oss ships its experts in MXFP4, and its
+    GGUFs keep them so (llama.cpp MXFP4_MOE): that is the first rung for a model shipped in MXFP4."""
+    if spec.checkpoint_quant == "mxfp4":
+        return ("mxfp4_moe", *OFFLOAD_LADDER)
+    return OFFLOAD_LADDER
+
+
 def plan_offload(
-    spec: ModelSpec, gpus: tuple[Gpu, ...], sc: Scenario, cpu_mem_bytes: int, quant: str | None
+    spec: ModelSpec, gpus: tuple[Gpu, ...], sc: Scenario, cpu_mem_bytes: int, quant: str | None, *,
+    options: OffloadOptions | None = None,
 ) -> Plan | None:
-    """The highest-precision GGUF type and the fewest CPU-MoE layers that fit GPUs and RAM."""
+    """The best expert-offload plan: plan_offloads' first that keeps its experts in RAM, else its first."""
+    plans = plan_offloads(spec, gpus, sc, cpu_mem_bytes, quant, options=options)
+    in_ram = [p for p in plans if p.offload is not None and p.offload.tier == "ram"]
+    return (in_ram or plans or [None])[0]
+
+
+def plan_offloads(
+    spec: ModelSpec, gpus: tuple[Gpu, ...], sc: Scenario, cpu_mem_bytes: int, quant: str | None, *,
+    options: OffloadOptions | None = None,
+) -> list[Plan]:
+    """For each offload-capable GGUF type, largest first: the fewest CPU-MoE layers that fit the GPUs
+    (llama.cpp --n-cpu-moe). Experts beyond the RAM budget are read from disk (llama.cpp mmaps the
+    file), which the plan says as its tier."""
     if not spec.is_moe:
-        return None
+        return []
+    opts = options or OffloadOptions()
     sc = sc.model_copy(update={"chunk_tokens": LLAMACPP_UBATCH, "cuda_graphs": False})
     cpu_budget = int(cpu_mem_bytes * CPU_RAM_FRACTION)
     moe_ids = [i for i, layer in enumerate(spec.layers) if layer.ffn == "moe"]
-    schemes = [get_scheme(q).for_model(spec) for q in ((quant,) if quant else OFFLOAD_LADDER)]
-    schemes = [s for s in schemes if kv_dtype_usable(sc.kv_dtype, s)]
+    schemes = [get_scheme(q).for_model(spec) for q in ((quant,) if quant else offload_ladder(spec))]
+    schemes = [s for s in schemes if kv_dtype_usable(sc.kv_dtype, s) and s.gguf]
     emb = spec.vocab_size * spec.hidden_size
+    plans: list[Plan] = []
     for scheme in schemes:
         first_extra = math.ceil(emb * scheme.bits_for(EMBEDDING) / 8) + math.ceil(
             vision_params(spec) * scheme.bits_for(VISION) / 8) + math.ceil(
@@ -524,14 +590,15 @@ def plan_offload(
         if min(rooms) <= 0:
             continue
 
-        def attempt(k: int) -> tuple[tuple[int, ...], int] | None:
+        def attempt(k: int) -> tuple[tuple[int, ...], int, int] | None:
             off = set(moe_ids[:k])
             per_layer = _layer_bytes(spec, scheme, off, sc)
             cpu = sum(c for _, c in per_layer)
-            if cpu > cpu_budget:
-                return None
             split = _assign([g for g, _ in per_layer], rooms)
-            return (split, cpu) if split is not None else None
+            if split is None:
+                return None
+            used = sum(g for g, _ in per_layer)
+            return split, cpu, sum(rooms) - used
 
         k = next((k for k in _offload_steps(len(moe_ids)) if attempt(k) is not None), None)
         if k is None:
@@ -544,20 +611,45 @@ def plan_offload(
                 hi = mid
             else:
                 lo = mid + 1
+        if opts.cpu_moe_layers is not None:
+            if opts.cpu_moe_layers > len(moe_ids):
+                raise MoeplanError(f"--n-cpu-moe {opts.cpu_moe_layers}: {spec.name} has {len(moe_ids)} MoE layers")
+            if opts.cpu_moe_layers < lo:
+                continue  # too few layers on the CPU for this type: its GPU share does not fit
+            lo = max(opts.cpu_moe_layers, 1)
         result = attempt(lo)
         if result is None or lo == 0:
             continue  # lo == 0 would mean it fits without offload: the normal search covers that
-        split, cpu = result
+        split, cpu, _ = result
         rows = _offload_rows(spec, scheme, gpus, sc, set(moe_ids[:lo]), split, rooms)
         layout = Layout(tp=1, ep=1, pp=len(gpus), stage_layers=split)
+        one_expert = math.ceil(expert_params(spec) * scheme.bits_for(ROUTED_EXPERTS) / 8)
+        # An engine with a GPU expert cache (mixtral-offloading's design) keeps every layer's experts in
+        # host memory and fills what the GPUs have left with cache slots, the same number per layer.
+        # llama.cpp itself keeps whole layers on the CPU or the GPU and caches none.
+        all_off = _layer_bytes(spec, scheme, set(moe_ids), sc)
+        room = sum(rooms) - sum(g for g, _ in all_off)
+        slots = min(spec.num_experts, max(0, room // max(one_expert * len(moe_ids), 1)))
+        if opts.cache_slots is not None:
+            need = opts.cache_slots * one_expert * len(moe_ids)
+            if opts.cache_slots > spec.num_experts or need > max(room, 0):
+                raise MoeplanError(
+                    f"--expert-cache {opts.cache_slots}: {opts.cache_slots} experts x {len(moe_ids)} layers need "
+                    f"{need / 1e9:,.1f} GB of GPU memory; the GPUs have {max(room, 0) / 1e9:,.1f} GB left beside "
+                    f"everything else (at most {slots} per layer with {scheme.name})")
+            slots = opts.cache_slots
+        ram_share = min(1.0, cpu_budget / cpu) if cpu else 1.0
         offload = Offload(cpu_moe_layers=lo, moe_layers=len(moe_ids), cpu_bytes=cpu, cpu_budget_bytes=cpu_budget,
-                          gpu_layers=split, offloaded_layer_ids=tuple(moe_ids[:lo]))
-        return Plan(
+                          gpu_layers=split, offloaded_layer_ids=tuple(moe_ids[:lo]),
+                          tier="ram" if ram_share >= 1 else "disk", ram_share=ram_share,
+                          host_gb_per_s=opts.host_gb_per_s, disk_gb_per_s=opts.disk_gb_per_s,
+                          locality=opts.locality, cache_slots=int(slots), expert_bytes=one_expert)
+        plans.append(Plan(
             quant=scheme.name, layout=f"llama.cpp layer split over {len(gpus)} GPU(s) + CPU experts", tp=1, ep=1,
             pp=layout.pp, dp_attention=False, stage_layers=split, fits=True, per_gpu=rows, overflow=None,
-            overflow_bytes=0, max_context=sc.context, max_batch=sc.batch, offload=offload,
-        )  # fmt: skip
-    return None
+            overflow_bytes=0, max_context=sc.context, max_batch=sc.batch, offload=offload, engine="llama.cpp",
+        ))  # fmt: skip
+    return plans
 
 
 def _offload_steps(n: int) -> list[int]:

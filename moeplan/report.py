@@ -12,7 +12,7 @@ from moeplan.compare import CompareResult, CompareRow
 from moeplan.hardware import Gpu
 from moeplan.memory import MemoryReport
 from moeplan.params import ParamCount
-from moeplan.perf import PerfResult
+from moeplan.perf import ENGINE_MEMORY_EFFICIENCY, PerfResult
 from moeplan.plan import FitResult, Plan
 from moeplan.spec import StoredCheckpoint
 
@@ -181,16 +181,30 @@ def speed_basis(gpus: tuple[Gpu, ...], plan: Plan | None) -> list[str]:
 
 def fit_verdict(res: FitResult) -> Text:
     best = res.best
-    if res.fits and best is not None:
+    if res.fits is True and best is not None:
         msg = (f"FITS: {res.model} on {res.gpus} with {best.quant}, {best.layout} "
                f"(up to {best.max_context:,} tokens at batch {res.batch}, or batch {best.max_batch:,} at "
                f"{res.context:,} tokens)")
         return Text(msg, style="bold green")
     if best is not None and best.offload is not None:
         o = best.offload
-        return Text(f"DOES NOT FIT on the GPUs alone; FITS with expert offload: {best.quant}, routed experts of "
-                    f"{o.cpu_moe_layers} of {o.moe_layers} MoE layers in CPU RAM ({o.cpu_bytes / GiB:,.1f} GiB of "
-                    f"{o.cpu_budget_bytes / GiB:,.1f} GiB usable)", style="bold yellow")
+        where = "CPU RAM" if o.tier == "ram" else f"CPU RAM and disk ({o.ram_share:.0%} in RAM)"
+        lines = [f"DOES NOT FIT on the GPUs alone; RUNS WITH EXPERT OFFLOAD: {best.quant}, routed experts of "
+                 f"{o.cpu_moe_layers} of {o.moe_layers} MoE layers in {where} ({o.cpu_bytes / GiB:,.1f} GiB of "
+                 f"{o.cpu_budget_bytes / GiB:,.1f} GiB usable)"]
+        sp = best.speed
+        if sp is not None:
+            cpu_eff = ENGINE_MEMORY_EFFICIENCY["llama.cpp cpu experts"]
+            lines.append(f"  llama.cpp (--n-cpu-moe; experts run on the CPU from {o.host_gb_per_s:g} GB/s RAM, "
+                         f"{cpu_eff:.0%} of it reached, fitted): "
+                         f"{sp.tpot_s * 1e3:,.1f} ms per token mean, {(sp.offload_p99_tpot_s or sp.tpot_s) * 1e3:,.1f}"
+                         " ms p99")
+            if sp.cache_tpot_s is not None:
+                lines.append(f"  an engine with a GPU expert cache (every layer's experts in RAM, {o.cache_slots} slots "
+                             f"per layer on the GPU, LRU, locality {o.locality:g}): hit rate "
+                             f"{sp.cache_hit_rate:.0%}, {sp.cache_tpot_s * 1e3:,.1f} ms mean, "
+                             f"{(sp.cache_p99_tpot_s or 0) * 1e3:,.1f} ms p99 (misses over PCIe)")
+        return Text("\n".join(lines), style="bold yellow")
     return Text(f"DOES NOT FIT: {res.model} on {res.gpus} at {res.context:,} tokens x batch {res.batch}",
                 style="bold red")
 

@@ -450,7 +450,8 @@ def _read_routing_file(path_text: str) -> list[list[float]]:
         if not isinstance(data, list):
             raise MoeplanError(f"--routing {path_text}: expected a list of frequencies per layer")
         return [numbers(row) for row in data]
-    rows = []
+    rows: list[list[float]] = []
+    seen_header = False
     for record in csv.reader(io.StringIO(text)):
         cells = [c.strip() for c in record if c.strip()]
         if not cells:
@@ -458,8 +459,9 @@ def _read_routing_file(path_text: str) -> list[list[float]]:
         try:
             rows.append([float(c) for c in cells])
         except ValueError:
-            if rows:  # a header is only allowed first
+            if rows or seen_header:  # one header row is allowed, and only first
                 raise MoeplanError(f"--routing {path_text}: a CSV row that is not numbers: {record[:4]}") from None
+            seen_header = True
     return rows
 
 
