@@ -487,7 +487,7 @@ class CheckResult(BaseModel):
     engine: str
     gpus: str
     nodes: int
-    fits: bool
+    fits: bool | Literal["offload"]  # "offload": it runs with experts in host memory (as fit's JSON says)
     plan: Plan | None
     findings: list[Finding]
     passed: bool
@@ -710,6 +710,12 @@ def findings(spec: DeploySpec, choice: _Choice) -> list[Finding]:
     return out
 
 
+def _verdict(plan: Plan | None) -> bool | Literal["offload"]:
+    if plan is None:
+        return False
+    return "offload" if plan.offload is not None else True
+
+
 def check(spec: DeploySpec, *, rank: Ranker | None = None) -> CheckResult:
     """Plan the spec and compare every target with its prediction. `rank` defaults to moeplan.perf."""
     problems = engine_problems(spec)
@@ -727,7 +733,7 @@ def check(spec: DeploySpec, *, rank: Ranker | None = None) -> CheckResult:
         run = launch(spec.engine, model, choice.plan, spec.serving, nodes=nodes, model_name=_model_name(spec, model))
     return CheckResult(
         path=spec.path, name=spec.name or (Path(spec.path).stem if spec.path else model.name), model=spec.model,
-        engine=spec.engine, gpus=spec.gpus, nodes=nodes, fits=choice.plan is not None, plan=choice.plan,
+        engine=spec.engine, gpus=spec.gpus, nodes=nodes, fits=_verdict(choice.plan), plan=choice.plan,
         findings=found, passed=all(f.passed for f in found), command=run.command if run else None,
         command_notes=run.notes if run else [], notes=choice.notes,
     )  # fmt: skip

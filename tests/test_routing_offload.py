@@ -314,3 +314,15 @@ def test_check_offload_spec_with_ram_bandwidth(tmp_path):
                        extra="quant: q4_k_m\n")
     assert res.exit_code == 0, res.output
     assert _tpot(ddr4)[0] > _tpot(ddr5)[0]
+    assert _tpot(ddr5)[1]["fits"] == "offload"  # one word, as fit's JSON
+
+
+def test_check_accepts_gpt_oss_mxfp4_offload(tmp_path):
+    path = tmp_path / "oss.yaml"
+    path.write_text("model: gpt-oss-120b\nengine: llama.cpp\nquant: mxfp4_moe\ngpus: 1xRTX4090\nserving:\n"
+                    "  context: 8192\n  batch: 1\n  cpu_mem_gb: 128\n")
+    res = runner.invoke(app, ["check", str(path), "--json"])
+    assert res.exit_code == 0, res.output
+    result = json.loads(res.stdout)[0]
+    assert result["fits"] == "offload" and result["plan"]["quant"] == "mxfp4_moe"
+    assert "MXFP4_MOE.gguf" in result["command"] and "--n-cpu-moe" in result["command"]
