@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import click
 import typer
 
 try:  # typer >= 0.20 vendors click as typer._click; older typer uses the click package.
@@ -20,9 +19,11 @@ except ImportError:  # pragma: no cover
 
 
 def _kinds(name: str) -> tuple[type[BaseException], ...]:
-    """An exception class from click, typer's vendored click and typer itself, where each has it:
-    typer 0.29 raises its own classes, older typer click's."""
-    found = (getattr(click.exceptions, name, None), getattr(_cx, name, None), getattr(typer, name, None))
+    """An exception class from typer's click (vendored or not), typer itself, and the click package
+    when something else has loaded it (importing a second click costs start-up time)."""
+    click = sys.modules.get("click")
+    found = (getattr(getattr(click, "exceptions", None), name, None), getattr(_cx, name, None),
+             getattr(typer, name, None))
     return tuple(dict.fromkeys(k for k in found if isinstance(k, type)))
 
 
@@ -32,6 +33,7 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from moeplan.errors import MoeplanError
+from moeplan.tables import responsive
 
 EXIT_OK, EXIT_MISS, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -46,52 +48,166 @@ class _Boundary(TyperGroup):
         except MoeplanError as exc:
             _fail(str(exc))
         except _NO_ARGS as exc:
-            click.echo(exc.ctx.get_help() if exc.ctx else str(exc))
+            typer.echo(exc.ctx.get_help() if exc.ctx else str(exc))
             sys.exit(EXIT_BAD_INPUT)
         except _USAGE as exc:
             cmd = exc.ctx.command_path if exc.ctx else "moeplan"
             _fail(f"{exc.format_message()} (see `{cmd} --help`)")
         except _EXIT as exc:
+            if isinstance(exc.__cause__, KeyboardInterrupt):  # typer turns Ctrl-C into Exit(130), silently
+                _fail("interrupted", EXIT_INTERRUPTED)
             sys.exit(exc.exit_code)  # type: ignore[attr-defined]
-        except _ABORT:
-            _fail("aborted")
+        except _ABORT:  # click turns Ctrl-C in a prompt into Abort
+            _fail("interrupted", EXIT_INTERRUPTED)
         except KeyboardInterrupt:
-            _fail("interrupted")
-        except BrokenPipeError:  # `moeplan fit ... | head`: the reader left; say nothing more
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:  # the reader left (`| head`) before the verdict was reached
+            _stdout_gone()
             sys.exit(EXIT_OK)
+        except OSError as exc:  # stdout on a full disk (/dev/full) or closed
+            _fail(f"cannot write the output: {exc.strerror or exc}")
+        if rv == EXIT_INTERRUPTED:  # typer's Ctrl-C: Exit(130), returned as 130 without a word
+            _fail("interrupted", EXIT_INTERRUPTED)
         sys.exit(rv if isinstance(rv, int) else EXIT_OK)
 
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a program stopped by Ctrl-C
+
+
+def one_line(message: str) -> str:
+    """The first line of a message, without pydantic's 'For further information visit' tail."""
+    text = " ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    cut = text.find("For further information visit")
+    return (text[:cut] if cut >= 0 else text).strip().rstrip(";,") or "unknown error"
+
+
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    err = Console(stderr=True, highlight=False, soft_wrap=True)
-    err.print(f"[red]error:[/red] {message}", markup=True)
+    try:
+        err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
+        # User text (a model name of `[/]`, a file `deploy[prod].yaml`) is escaped, never markup.
+        err.print(f"[red]error:[/red] {escape(one_line(message))}", markup=True)
+    except Exception:  # stderr itself is unusable: the exit code still says it
+        pass
     sys.exit(code)
+
+
+def _width(stream: Any) -> int | None:
+    """COLUMNS when set to something usable (honoured when piped too), else the terminal's own width
+    on a terminal, else 120 so plan tables stay readable in pipes and CI logs. COLUMNS=0 or junk is
+    ignored rather than letting rich print nothing."""
+    import os
+
+    try:
+        columns = int(os.environ.get("COLUMNS", ""))
+    except ValueError:
+        columns = 0
+    if 20 <= columns <= 1000:
+        return columns
+    try:
+        return None if stream is not None and stream.isatty() else 120
+    except (AttributeError, ValueError, OSError):
+        return 120
+
+
+def _stdout_gone() -> None:
+    """The reader of stdout left: point fd 1 at /dev/null so later writes and the final flush are
+    silent, and let the command finish with its own exit code."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+class _Out(Console):
+    """stdout's console: when the reader leaves (`moeplan fit ... | head -1`), keep going quietly so
+    the exit code is the verdict's (rich's default exits 1, which reads as "does not fit")."""
+
+    def on_broken_pipe(self) -> None:
+        _stdout_gone()
 
 
 app = typer.Typer(
     cls=_Boundary,
     help="Plan GPUs for Mixture-of-Experts models: parameters, memory, fit, speed, and a real-layer bench.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-# Pipes and CI logs get 120 columns instead of rich's 80, so the plan tables stay readable.
-out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+out = _Out(highlight=False, soft_wrap=False, width=_width(sys.stdout))
 
 
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+# Every JSON output carries schema_version (an object's top level; each element of a list output);
+# `moeplan schema --output KIND` prints its JSON Schema. Bump on any change that is not an addition.
+SCHEMA_VERSION = 1
 
 
-ModelArg = typer.Argument(..., help="Card name (mixtral-8x7b), Hub id (org/name[@rev]) or path to config.json / card")
+def _versioned(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {"schema_version": SCHEMA_VERSION, **data}
+    if isinstance(data, list):
+        return [_versioned(d) for d in data]
+    return data
+
+
+def _finite(data: Any) -> Any:
+    """JSON has no Infinity or NaN (json.dumps would write them anyway): a number that is not finite
+    (a speed of a plan that cannot run) is written as null."""
+    if isinstance(data, float):
+        return data if data == data and data not in (float("inf"), float("-inf")) else None
+    if isinstance(data, dict):
+        return {k: _finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [_finite(v) for v in data]
+    return data
+
+
+def _print_json(data: Any, *, versioned: bool = True) -> None:
+    text = json.dumps(_finite(_versioned(data) if versioned else data), indent=2, allow_nan=False) + "\n"
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        _stdout_gone()
+
+
+def _version(value: bool) -> None:
+    if value:
+        from moeplan import __version__
+
+        sys.stdout.write(f"moeplan {__version__}\n")
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", "-V", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Plan GPUs for Mixture-of-Experts models: parameters, memory, fit, speed, and a real-layer bench."""
+
+
+def _tokens(text: str) -> int:
+    from moeplan.units import parse_tokens
+
+    return parse_tokens(text)
+
+
+ModelArg = typer.Argument(..., help="Card name (mixtral-8x7b), Hub id (org/name[@rev]), or a path to config.json, "
+                          "a card, or a .gguf file (its header only; pip install 'moeplan[gguf]')")
 JsonOpt = typer.Option(False, "--json", help="Print JSON instead of tables.")
 FromHubOpt = typer.Option(False, "--from-hub", help="Read the Hub even when a bundled card matches.")
 
 
 @app.command()
 def params(model: str = ModelArg, as_json: bool = JsonOpt, from_hub: bool = FromHubOpt) -> None:
-    """Total and active parameters, by component."""
+    """Total and active parameters, by component.
+
+    Example: moeplan params deepseek-v3
+    """
     from moeplan.params import count_params
     from moeplan.report import params_notes, params_table
     from moeplan.sources import resolve
@@ -107,7 +223,7 @@ def params(model: str = ModelArg, as_json: bool = JsonOpt, from_hub: bool = From
             data["checkpoint"] = checkpoint_json(stored, count)
         _print_json(data)
         return
-    out.print(params_table(count))
+    out.print(responsive(params_table(count), drop=("total (exact)",)))
     out.print(params_notes(count))
     if stored is not None:
         from moeplan.report import checkpoint_lines
@@ -117,7 +233,10 @@ def params(model: str = ModelArg, as_json: bool = JsonOpt, from_hub: bool = From
 
 @app.command()
 def models(as_json: bool = JsonOpt) -> None:
-    """List the bundled model cards with total and active parameters."""
+    """List the bundled model cards with total and active parameters.
+
+    Example: moeplan models --json
+    """
     from moeplan.params import count_params
     from moeplan.report import models_table
     from moeplan.sources import bundled_cards
@@ -132,7 +251,7 @@ def models(as_json: bool = JsonOpt) -> None:
             ]
         )
         return
-    out.print(models_table(rows))
+    out.print(responsive(models_table(rows), drop=("hub id",)))
 
 
 QuantOpt = typer.Option(None, "--quant", "-q", help="bf16, fp16, fp32, fp8, int8, int4, awq, gptq, nf4, mxfp4, nvfp4, "
@@ -144,7 +263,8 @@ KvOpt = typer.Option("bf16", "--kv-dtype", help="KV cache dtype: bf16, fp16, fp8
 def memory(
     model: str = ModelArg,
     quant: str | None = QuantOpt,
-    context: int = typer.Option(4096, "--context", "-c", help="Tokens per sequence."),
+    context: int = typer.Option(4096, "--context", "-c", parser=_tokens, metavar="TOKENS",
+                                help="Tokens per sequence: 4096, 32k (= 32,768), 1m."),
     batch: int = typer.Option(1, "--batch", "-b", help="Concurrent sequences."),
     kv_dtype: str = KvOpt,
     mla_naive: bool = typer.Option(False, "--mla-naive", help="MLA: size the expanded per-head K/V cache."),
@@ -152,7 +272,10 @@ def memory(
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
-    """Weights by component, KV cache, activations and runtime overhead, before any split."""
+    """Weights by component, KV cache, activations and runtime overhead, before any split.
+
+    Example: moeplan memory mixtral-8x7b --quant q4_k_m --context 32k
+    """
     from moeplan.memory import memory_report
     from moeplan.quant import get_scheme, native_scheme
     from moeplan.report import memory_table
@@ -163,14 +286,15 @@ def memory(
     if as_json:
         _print_json(rep.model_dump())
         return
-    out.print(memory_table(rep))
+    out.print(responsive(memory_table(rep)))
     for note in rep.notes:
         out.print(f"[dim]- {escape(note)}[/dim]")
 
 
 GpusOpt = typer.Option(..., "--gpus", "-g", help="e.g. 2x24GB, 8xH100, 2xRTX4090, 1xA100-80GB,1xRTX4090")
 NodesOpt = typer.Option(1, "--nodes", help="Nodes, each with the --gpus list.")
-ContextOpt = typer.Option(4096, "--context", "-c", help="Tokens per sequence (prompt + output).")
+ContextOpt = typer.Option(4096, "--context", "-c", parser=_tokens, metavar="TOKENS",
+                          help="Tokens per sequence (prompt + output): 4096, 32k (= 32,768), 1m.")
 BatchOpt = typer.Option(1, "--batch", "-b", help="Concurrent sequences.")
 FractionOpt = typer.Option(0.90, "--mem-fraction", help="Engine memory fraction of each GPU (vLLM gpu_memory_utilization).")
 
@@ -226,13 +350,9 @@ def _routing(text: str | None, spec: Any) -> Any:
 def _parse_size(text: str | None) -> int | None:
     if text is None:
         return None
-    import re
+    from moeplan.units import parse_bytes
 
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(GB|GIB|TB|TIB)?\s*", text, re.IGNORECASE)
-    if not m:
-        raise MoeplanError(f"--cpu-mem '{text}' is not a size; write e.g. 768GB or 512GiB")
-    unit = {"GB": 1e9, "GIB": 2**30, "TB": 1e12, "TIB": 2**40}[(m.group(2) or "GB").upper()]
-    return int(float(m.group(1)) * unit)
+    return parse_bytes(text)
 
 
 @app.command(name="fit")
@@ -315,15 +435,12 @@ def fit_cmd(
         extra.append(f"plot written to {plot}")
     res = res.model_copy(update={"notes": [*res.notes, *extra]})
     if as_json:
-        data = res.model_dump()
-        if command:
-            data["command"] = command
-        _print_json(data)
+        _print_json({**res.model_dump(), "command": command})  # null unless --emit
     else:
         out.print(fit_verdict(res))
-        out.print(verdict_table(res))
+        out.print(responsive(verdict_table(res)))
         if res.plans:
-            out.print(plans_table(res))
+            out.print(responsive(plans_table(res), drop=("engine", "TTFT ms", "tok/s total", "max batch")))
         if res.best is not None:
             out.print(memory_bars(res.best))
         for note in res.notes:
@@ -350,7 +467,8 @@ def perf(
     quant: str | None = QuantOpt,
     context: int = ContextOpt,
     batch: int = BatchOpt,
-    prompt: int = typer.Option(1024, "--prompt", help="Prompt tokens for TTFT."),
+    prompt: int = typer.Option(1024, "--prompt", parser=_tokens, metavar="TOKENS", help="Prompt tokens for TTFT "
+                               "(1024, 8k)."),
     kv_dtype: str = KvOpt,
     mem_fraction: float = FractionOpt,
     sweep: bool = typer.Option(False, "--sweep", help="Show the batch sweep (1, 4, 16, 64, 256, 1024)."),
@@ -368,10 +486,13 @@ def perf(
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
-    """Prefill and decode speed of the best plan: an MoE-aware roofline with communication."""
+    """Prefill and decode speed of the best plan: an MoE-aware roofline with communication.
+
+    Example: moeplan perf deepseek-v3 --gpus 8xH200 --batch 64 --sweep
+    """
     from moeplan.hardware import parse_gpus
     from moeplan.layout import Scenario
-    from moeplan.perf import perf_report, ranker
+    from moeplan.perf import PerfResult, perf_report, ranker
     from moeplan.plan import fit
     from moeplan.quant import get_scheme
     from moeplan.report import fit_verdict, perf_table, sweep_chart, sweep_table
@@ -396,7 +517,10 @@ def perf(
               gpus_label=label, layout=_request(tp, ep, pp, dp_attention), prefer=prefer,
               redundant_experts=redundant_experts, capacity_factor=capacity_factor)
     if res.best is None:
-        out.print(fit_verdict(res)) if not as_json else _print_json(res.model_dump())
+        if as_json:  # perf's keys, null, beside fit's verdict: one shape whether or not a plan fits
+            _print_json({**dict.fromkeys(PerfResult.model_fields), **res.model_dump(), "fits": False})
+        else:
+            out.print(fit_verdict(res))
         raise typer.Exit(EXIT_MISS)
     scheme = get_scheme(res.best.quant).for_model(spec)
     sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction,
@@ -409,11 +533,12 @@ def perf(
         plot_sweeps([rep], plot)
         rep = rep.model_copy(update={"notes": [*rep.notes, f"plot written to {plot}"]})
     if as_json:
-        _print_json(rep.model_dump())
+        _print_json({**rep.model_dump(), "fits": True})
         return
-    out.print(perf_table(rep))
+    out.print(responsive(perf_table(rep), drop=("error band",)))
     if sweep:
-        out.print(sweep_table(rep))
+        out.print(responsive(sweep_table(rep), drop=("dense TPOT ms", "GB read/step", "bound", "tok/s/seq",
+                                                      "distinct experts/layer")))
         out.print(sweep_chart(rep))
     for note in rep.notes:
         out.print(f"[dim]- {escape(note)}[/dim]")
@@ -461,7 +586,7 @@ def compare_cmd(
     if as_json:
         _print_json(res.model_dump())
     else:
-        out.print(compare_table(res))
+        out.print(responsive(compare_table(res)))
         for line in res.verdict:
             out.print(f"- {escape(line)}")
         for note in res.notes:
@@ -471,7 +596,10 @@ def compare_cmd(
 
 @app.command(name="gpus")
 def gpus_cmd(as_json: bool = JsonOpt) -> None:
-    """The GPU catalog: memory, bandwidth, compute, links."""
+    """The GPU catalog: memory, bandwidth, compute, links.
+
+    Example: moeplan gpus
+    """
     from rich.table import Table
 
     from moeplan.hardware import CATALOG
@@ -481,12 +609,14 @@ def gpus_cmd(as_json: bool = JsonOpt) -> None:
         return
     table = Table(title="GPU catalog (GB = 1e9 B, GiB = 2^30 B)", title_justify="left")
     for col in ("name", "memory", "usable GiB", "GB/s", "bf16 TFLOPS", "fp8", "link"):
-        table.add_column(col)
+        table.add_column(col, justify="left" if col in ("name", "link") else "right")
     for g in CATALOG:
         table.add_row(g.name, f"{g.memory_bytes / 1e9:,.0f} GB", f"{g.usable_bytes / 2**30:,.2f}", f"{g.hbm_gb_per_s:,.0f}",
                       f"{g.bf16_tflops:,.0f}", f"{g.fp8_tflops:,.0f}" if g.fp8_tflops else "-",
                       f"{g.link} {g.link_gb_per_s:,.0f} GB/s")
-    out.print(table)
+    from moeplan.tables import responsive
+
+    out.print(responsive(table, drop=("link", "fp8", "usable GiB")))
 
 
 @app.command()
@@ -494,7 +624,10 @@ def card(
     model: str = typer.Argument(..., help="Hub id org/name[@revision]"),
     output: str | None = typer.Option(None, "--output", "-o", help="Write the card here instead of stdout."),
 ) -> None:
-    """Write a model card YAML from a Hub config.json, ready for model_cards/."""
+    """Write a model card YAML from a Hub config.json, ready for model_cards/.
+
+    Example: moeplan card Qwen/Qwen3-30B-A3B -o qwen3.yaml
+    """
     from pathlib import Path
 
     from moeplan.hub import card_yaml_from_hub
@@ -503,11 +636,14 @@ def card(
     if not output:
         sys.stdout.write(text)
         return
+    from moeplan.safeio import check_path_text, write_atomic
+
+    check_path_text(output, "--output")
     try:
-        Path(output).write_text(text, encoding="utf-8")
+        write_atomic(Path(output), lambda f: f.write(text))  # a full disk leaves no half-written card
     except OSError as exc:
-        raise MoeplanError(f"cannot write {output}: {exc.strerror}") from None
-    out.print(f"wrote {output}")
+        raise MoeplanError(f"cannot write {output}: {exc.strerror or exc}") from None
+    out.print(f"wrote {escape(output)}")
 
 
 @app.command()
@@ -516,7 +652,8 @@ def bench(
     device: str = typer.Option("cuda", "--device", help="cuda, cpu or mps"),
     quant: str = typer.Option("bf16", "--quant", "-q", help="bf16, fp16 or fp32"),
     batch: int = typer.Option(1, "--batch", "-b"),
-    context: int = typer.Option(1024, "--context", "-c", help="KV cache tokens for the decode step"),
+    context: int = typer.Option(1024, "--context", "-c", parser=_tokens, metavar="TOKENS",
+                                help="KV cache tokens for the decode step (1024, 4k)"),
     prompt: int | None = typer.Option(None, "--prompt", help="Prefill tokens (default 512 on GPU, 128 on CPU)"),
     layers: int = typer.Option(1, "--layers", help="Decoder layers to stack (MoE layers first)"),
     full: bool = typer.Option(False, "--full", help="Build the whole model when it fits"),
@@ -525,7 +662,10 @@ def bench(
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
-    """Build a real MoE layer at the model's true size, measure it, print predicted vs measured."""
+    """Build a real MoE layer at the model's true size, measure it, print predicted vs measured.
+
+    Example: moeplan bench mixtral-8x7b --device cuda --batch 8
+    """
     if device not in ("cuda", "cpu", "mps"):
         raise MoeplanError(f"--device must be cuda, cpu or mps, got '{device}'")
     if quant not in ("bf16", "fp16", "fp32"):
@@ -576,13 +716,16 @@ def check(
     print_schema: bool = typer.Option(False, "--schema", help="Print the spec's JSON Schema and exit."),
     as_json: bool = typer.Option(False, "--json", help="Same as --format json (as on every other command)."),
 ) -> None:
-    """Plan each deployment spec and check its targets: exit 0 all pass, 1 any misses, 2 any invalid."""
+    """Plan each deployment spec and check its targets: exit 0 all pass, 1 any misses, 2 any invalid.
+
+    Example: moeplan check deploy.yaml --format github
+    """
     from moeplan import deploy
 
     fmt = "json" if as_json else fmt
 
     if print_schema:
-        _print_json(deploy.schema())
+        _print_json(deploy.schema(), versioned=False)
         return
     if fmt not in _FORMATS:
         raise MoeplanError(f"unknown --format {fmt!r}; use one of: {', '.join(_FORMATS)}")
@@ -605,6 +748,7 @@ def _check_table(results: list[Any]) -> None:
     from rich.table import Table
 
     from moeplan import deploy
+    from moeplan.escape import printable
 
     style = {"pass": "green", "fail": "red", "invalid": "yellow"}
     cols = [c for c in deploy.SUMMARY_COLUMNS if c not in ("model", "engine", "reason")]
@@ -622,22 +766,74 @@ def _check_table(results: list[Any]) -> None:
     for r, row in zip(results, rows, strict=True):
         word = row["result"]
         about = f", {r.model} on {r.gpus} with {r.engine}" if r.model else ""
-        out.print(f"\n[b]{escape(r.path or r.name)}[/b]: {escape(word + about)}", highlight=False)
+        out.print(f"\n[b]{escape(printable(r.path or r.name))}[/b]: {escape(printable(word + about))}", highlight=False)
         for line in deploy.detail_lines(r):
             out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
         if r.command and r.exit_code == 0:
             out.print(f"  launch ({r.engine}):", markup=False)
             out.print(f"  {r.command}", markup=False, highlight=False, soft_wrap=True)
             for note in r.command_notes:
-                out.print(f"  [dim]- {escape(note)}[/dim]", soft_wrap=True)
+                out.print(f"  [dim]- {escape(printable(note))}[/dim]", soft_wrap=True)
+
+
+_SCHEMA_KINDS = ("spec", "fit", "perf", "memory", "params", "check", "compare")
 
 
 @app.command()
-def schema() -> None:
-    """Print the deployment spec's JSON Schema (for editors and `moeplan check`)."""
-    from moeplan.deploy import schema as spec_schema
+def schema(
+    output: str = typer.Option("spec", "--output", "-o", help="spec (the deployment spec file), or the --json "
+                               "output of: fit, perf, memory, params, check, compare."),
+) -> None:
+    """Print a JSON Schema: the deployment spec's (for editors and `moeplan check`), or a command's --json output.
 
-    _print_json(spec_schema())
+    Example: moeplan schema --output fit
+    """
+    if output not in _SCHEMA_KINDS:
+        raise MoeplanError(f"--output {output!r}: one of {', '.join(_SCHEMA_KINDS)}")
+    if output == "spec":
+        from moeplan.deploy import schema as spec_schema
+
+        _print_json(spec_schema(), versioned=False)
+        return
+    _print_json(output_schema(output), versioned=False)
+
+
+def output_schema(kind: str) -> dict[str, Any]:
+    """JSON Schema of `moeplan KIND --json`: the result model's schema, plus what the command adds."""
+    from pydantic import BaseModel
+
+    extra: dict[str, Any] = {}
+    model: type[BaseModel]
+    if kind == "fit":
+        from moeplan.plan import FitResult as model
+
+        extra = {"command": {"anyOf": [{"type": "string"}, {"type": "null"}],
+                             "description": "The launch command with --emit, else null."}}
+    elif kind == "perf":
+        from moeplan.perf import PerfResult as model
+
+        extra = {"fits": {"type": "boolean", "description": "false: no plan fits; the speed keys are then null "
+                                                             "and fit's keys say why."}}
+    elif kind == "memory":
+        from moeplan.memory import MemoryReport as model
+    elif kind == "params":
+        from moeplan.params import ParamCount as model
+
+        extra = {"checkpoint": {"type": "object", "description": "Hub reads only: what the safetensors headers "
+                                                                 "store."}}
+    elif kind == "compare":
+        from moeplan.compare import CompareResult as model
+    else:
+        from moeplan.deploy import CheckResult as model
+    body = model.model_json_schema(mode="serialization")
+    body.setdefault("properties", {}).update(
+        {"schema_version": {"const": SCHEMA_VERSION, "description": "Bumped on any change that is not an addition."},
+         **extra})
+    body["title"] = f"moeplan {kind} --json"
+    if kind == "check":  # a list, one result per spec file
+        return {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "moeplan check --format json",
+                "type": "array", "items": {k: v for k, v in body.items() if k != "$defs"}, "$defs": body.get("$defs", {})}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **body}
 
 
 def resolve_model(model: str, from_hub: bool = False) -> Any:
@@ -647,7 +843,23 @@ def resolve_model(model: str, from_hub: bool = False) -> Any:
 
 
 def main() -> None:
-    app()
+    import os
+
+    # pydantic scans installed packages for plugins when the first model is built; moeplan uses none.
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
+    if sys.stdout is None:  # started with stdout closed (`moeplan fit ... >&-`)
+        _fail("stdout is closed; give somewhere to write (a file or a pipe)")
+    try:
+        app()
+    except KeyboardInterrupt:  # Ctrl-C outside the command (while importing)
+        _fail("interrupted", EXIT_INTERRUPTED)
+    finally:
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            _stdout_gone()
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":  # pragma: no cover

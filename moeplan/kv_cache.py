@@ -17,12 +17,12 @@ Adding an attention kind means adding its terms to `layer_terms` and its score F
 from __future__ import annotations
 
 import math
-from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from moeplan.params import derived, layer_group_ids, layer_groups
 from moeplan.quant import kv_dtype_bytes
 from moeplan.spec import LayerSpec, ModelSpec
 
@@ -67,6 +67,20 @@ class CacheTerm(BaseModel):
 
 
 def layer_terms(spec: ModelSpec, layer: LayerSpec, *, mla_naive: bool = False) -> tuple[CacheTerm, ...]:
+    """What one sequence keeps in `layer` (see _layer_terms), built once per kind of layer of spec.layers:
+    the fit search asks for the same layers' terms for every context and batch it tries."""
+    kind = layer_group_ids(spec).get(id(layer))
+    if kind is None:  # not one of spec.layers (an MTP layer): nothing to key it on
+        return _layer_terms(spec, layer, mla_naive=mla_naive)
+    memo = derived(spec)
+    key = ("cache terms", kind, mla_naive)
+    terms = memo.get(key)
+    if terms is None:
+        terms = memo[key] = _layer_terms(spec, layer, mla_naive=mla_naive)
+    return terms
+
+
+def _layer_terms(spec: ModelSpec, layer: LayerSpec, *, mla_naive: bool = False) -> tuple[CacheTerm, ...]:
     """What one sequence keeps in `layer`. Sources:
     - GQA: K and V of kv_heads x head_dim per token (vLLM/SGLang paged KV); sliding and chunked layers
       keep at most their window; a Gemma 4 K=V layer one tensor, a KV-shared layer none.
@@ -185,18 +199,59 @@ def cache_bytes(
 ) -> CacheBytes:
     """What `batch` sequences of `context` tokens keep on one of `tp` ranks over `layers` (all by default).
     `engine`: as the serving engines allocate it (see CacheTerm.engine_elements), not the model's minimum."""
-    kvb = kv_dtype_bytes(kv_dtype)
-    kinds: Counter[str] = Counter()
-    by_term: Counter[str] = Counter()
-    for layer, times in Counter(_layer_list(spec, layers, include_mtp)).items():
-        for term in layer_terms(spec, layer, mla_naive=mla_naive):
-            b = times * term.bytes(context, kvb, tp, engine)
-            kinds[term.kind] += b
-            by_term[term.name] += b
+    by_term: dict[str, float] = {}
+    kinds = _per_sequence(_weighted_terms(spec, layers, include_mtp, mla_naive), context, kv_dtype_bytes(kv_dtype),
+                          tp, engine, by_term)
     return CacheBytes(
         grows=math.ceil(batch * kinds["grows"]), window=math.ceil(batch * kinds["window"]),
         state=math.ceil(batch * kinds["state"]), by_term={k: math.ceil(batch * v) for k, v in by_term.items() if v},
     )  # fmt: skip
+
+
+def cache_total_fn(
+    spec: ModelSpec,
+    kv_dtype: str = "bf16",
+    *,
+    layers: Iterable[LayerSpec] | None = None,
+    tp: int = 1,
+    include_mtp: bool = False,
+    mla_naive: bool = False,
+    engine: bool = False,
+) -> Callable[[int, int], int]:
+    """`(context, batch) -> cache_bytes(spec, context, batch, ...).total` for these layers, with the
+    layers' terms gathered once: the fit search asks for every context and batch it tries."""
+    weighted = _weighted_terms(spec, layers, include_mtp, mla_naive)
+    kvb = kv_dtype_bytes(kv_dtype)
+
+    def total(context: int, batch: int) -> int:
+        kinds = _per_sequence(weighted, context, kvb, tp, engine, None)
+        return math.ceil(batch * kinds["grows"]) + math.ceil(batch * kinds["window"]) + math.ceil(
+            batch * kinds["state"])
+
+    return total
+
+
+def _weighted_terms(
+    spec: ModelSpec, layers: Iterable[LayerSpec] | None, include_mtp: bool, mla_naive: bool
+) -> list[tuple[int, CacheTerm]]:
+    """(how many layers, term) for every term of every kind of layer, in order of first occurrence."""
+    return [(times, term) for layer, times in layer_groups(spec, _layer_list(spec, layers, include_mtp))
+            for term in layer_terms(spec, layer, mla_naive=mla_naive)]
+
+
+def _per_sequence(
+    weighted: list[tuple[int, CacheTerm]], context: int, kv_bytes: float, tp: int, engine: bool,
+    by_term: dict[str, float] | None,
+) -> dict[str, float]:
+    """One sequence's cache bytes by kind (and by term into `by_term`): the one sum cache_bytes and
+    cache_total_fn share."""
+    kinds: dict[str, float] = {"grows": 0, "window": 0, "state": 0}
+    for times, term in weighted:
+        b = times * term.bytes(context, kv_bytes, tp, engine)
+        kinds[term.kind] += b
+        if by_term is not None:
+            by_term[term.name] = by_term.get(term.name, 0) + b
+    return kinds
 
 
 def bytes_per_token(
@@ -213,7 +268,7 @@ def bytes_per_token(
     `beyond_windows` only the terms that keep growing past every window (long-context growth)."""
     kvb = kv_dtype_bytes(kv_dtype)
     total = 0.0
-    for layer, times in Counter(_layer_list(spec, layers, include_mtp)).items():
+    for layer, times in layer_groups(spec, _layer_list(spec, layers, include_mtp)):
         for term in layer_terms(spec, layer, mla_naive=mla_naive):
             if term.kind == "state" or (beyond_windows and term.kind == "window"):
                 continue

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.hardware import Gpu
-from moeplan.kv_cache import CacheBytes, cache_bytes
+from moeplan.kv_cache import CacheBytes, cache_bytes, cache_total_fn
 from moeplan.memory import activation_bytes, hash_table_bytes, overhead_bytes
 from moeplan.params import (
     ATTENTION, DENSE_FFN, DENSE_MLP, EMBEDDING, HYPER_CONNECTIONS, LM_HEAD, MAMBA, NORMS, PER_LAYER_EMBEDDING,
-    ROUTED_EXPERTS, SHARED_EXPERTS, VISION, attention_params, dsa_indexer_params, hyper_head_params, layer_params,
-    norm_params, per_layer_embedding_params, vision_params,
+    ROUTED_EXPERTS, SHARED_EXPERTS, VISION, attention_params, dsa_indexer_params, hyper_head_params, layer_groups,
+    layer_params, norm_params, per_layer_embedding_params, vision_params,
 )  # fmt: skip
 from moeplan.quant import QuantScheme
 from moeplan.spec import LayerSpec, ModelSpec
@@ -178,7 +179,7 @@ def stage_weights(
     start, end = stage_bounds(layout.stage_layers)[stage]
     tp = 1 if layout.dp_attention else layout.tp
     out: Counter[str] = Counter()
-    for layer, times in Counter(spec.layers[start:end]).items():
+    for layer, times in layer_groups(spec, spec.layers[start:end]):
         for comp, (total, _) in layer_params(spec, layer).items():
             if comp == ATTENTION:
                 share = _attention_fraction(spec, layer, tp)
@@ -225,7 +226,19 @@ def stage_cache(spec: ModelSpec, layout: Layout, stage: int, context: int, batch
 
 def stage_kv_bytes(spec: ModelSpec, layout: Layout, stage: int, context: int, batch: int, kv_dtype: str) -> int:
     """All the cache (KV rows and fixed state) on one GPU of `stage`: stage_cache's total."""
-    return stage_cache(spec, layout, stage, context, batch, kv_dtype).total
+    return stage_kv_fn(spec, layout, stage, kv_dtype)(context, batch)
+
+
+def stage_kv_fn(spec: ModelSpec, layout: Layout, stage: int, kv_dtype: str) -> Callable[[int, int], int]:
+    """`(context, batch) -> stage_kv_bytes(...)`, the stage's cache terms gathered once (the fit search
+    tries a dozen contexts and batches on every GPU row)."""
+    start, end = stage_bounds(layout.stage_layers)[stage]
+    tp = 1 if layout.dp_attention else layout.tp
+    total = cache_total_fn(spec, kv_dtype, layers=spec.layers[start:end], tp=tp, engine=True)
+    if layout.dp_attention:  # as stage_cache: DP attention splits the sequences, TP the heads
+        ep = layout.ep
+        return lambda context, batch: total(context, math.ceil(batch / ep))
+    return total
 
 
 def stage_activation_bytes(

@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.errors import MoeplanError
-from moeplan.params import EMBEDDING, LM_HEAD, ROUTED_EXPERTS, count_params, layer_params
+from moeplan.params import EMBEDDING, LM_HEAD, ROUTED_EXPERTS, count_params, is_moe, layer_params
 from moeplan.kv_cache import CacheBytes, bytes_per_token, cache_bytes, layer_terms
 from moeplan.quant import QuantScheme, kv_dtype_bytes
 from moeplan.spec import LayerSpec, ModelSpec
@@ -91,7 +91,7 @@ def activation_bytes(
     """Peak activation memory of a prefill chunk of `tokens` tokens on one GPU.
 
     per_layer=True: one decoder layer's working set without the logits (what `bench` measures)."""
-    if spec.is_moe:
+    if is_moe(spec):
         coeff = _MOE_ACT_COEFF.get(tp, 13 if tp > 8 else 17)
     else:
         coeff = _DENSE_ACT_COEFF
@@ -114,7 +114,7 @@ def overhead_bytes(num_gpus: int, *, cuda_graphs: bool = True) -> int:
 class MemoryReport(BaseModel):
     """`model_dump()` is exactly `moeplan memory --json`."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     model: str
     quant: str
     quant_description: str

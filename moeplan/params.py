@@ -9,6 +9,11 @@ without the input embedding; that figure is `active_params_excl_input_embedding`
 
 from __future__ import annotations
 
+import weakref
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict
 
 from moeplan.spec import Gemma4VisionSpec, LayerSpec, ModelSpec, QwenVisionSpec
@@ -72,6 +77,68 @@ CONVENTIONS = {
     "embedding and lm_head)",
     "mtp_params_stored": "MTP layers as the checkpoint stores them, with embedding and head copies",
 }
+
+
+# Figures derived from one spec, kept while the spec lives. A ModelSpec is frozen, so what is derived
+# from it stays true. Keyed by identity: a ModelSpec holds dicts (no hash), and comparing two compares
+# every layer, which is what this saves.
+_DERIVED: dict[int, tuple[weakref.ref[ModelSpec], dict[Any, Any]]] = {}
+
+
+def derived(spec: ModelSpec) -> dict[Any, Any]:
+    """A scratch dict for figures derived from `spec`, dropped when the spec is."""
+    key = id(spec)
+    hit = _DERIVED.get(key)
+    if hit is not None and hit[0]() is spec:
+        return hit[1]
+
+    def drop(ref: weakref.ref[ModelSpec], key: int = key) -> None:
+        if _DERIVED.get(key, (None,))[0] is ref:
+            del _DERIVED[key]
+
+    memo: dict[Any, Any] = {}
+    _DERIVED[key] = (weakref.ref(spec, drop), memo)
+    return memo
+
+
+def layer_group_ids(spec: ModelSpec) -> dict[int, int]:
+    """id(layer) -> the index of its kind, for each layer of spec.layers; equal layers share a kind."""
+    memo = derived(spec)
+    ids = memo.get("layer_group_ids")
+    if ids is None:
+        first: dict[LayerSpec, int] = {}
+        ids = memo["layer_group_ids"] = {id(layer): first.setdefault(layer, len(first)) for layer in spec.layers}
+    return ids
+
+
+def layer_groups(spec: ModelSpec, layers: Iterable[LayerSpec] | None = None) -> list[tuple[LayerSpec, int]]:
+    """`Counter(layers).items()` (all of spec.layers by default): each distinct layer with how often it
+    occurs, in order of first occurrence, the first occurrence standing for its kind. Counter hashes
+    and compares every pydantic LayerSpec on every call, and a fit asks hundreds of times, so layers of
+    spec.layers are told apart once per spec (layer_group_ids) and a call counts small integers."""
+    chosen: Sequence[LayerSpec] = spec.layers if layers is None else (
+        layers if isinstance(layers, (list, tuple)) else list(layers))
+    ids = layer_group_ids(spec)
+    counts: dict[int, list[Any]] = {}
+    for layer in chosen:
+        kind = ids.get(id(layer))
+        if kind is None:  # a layer from outside spec.layers (an MTP layer, a test's list): Counter's way
+            return list(Counter(chosen).items())
+        entry = counts.get(kind)
+        if entry is None:
+            counts[kind] = [layer, 1]
+        else:
+            entry[1] += 1
+    return [(layer, times) for layer, times in counts.values()]
+
+
+def is_moe(spec: ModelSpec) -> bool:
+    """spec.is_moe, once per spec: the property counts MoE layers on every call, and activation_bytes
+    and step_cost ask it hundreds of times per fit."""
+    memo = derived(spec)
+    if "is_moe" not in memo:
+        memo["is_moe"] = spec.is_moe
+    return memo["is_moe"]
 
 
 def norm_params(spec: ModelSpec, width: int) -> int:
@@ -339,8 +406,7 @@ def count_params(spec: ModelSpec) -> ParamCount:
     totals = dict.fromkeys(COMPONENTS, 0)
     actives = dict.fromkeys(COMPONENTS, 0)
     # Layers repeat: count each distinct layer once and multiply.
-    for layer in set(spec.layers):
-        times = spec.layers.count(layer)
+    for layer, times in layer_groups(spec):
         for name, (total, active) in layer_params(spec, layer).items():
             totals[name] += times * total
             actives[name] += times * active

@@ -24,7 +24,6 @@ catalog: NVLink or PCIe inside a node, 50 GB/s between nodes.
 from __future__ import annotations
 
 import math
-from collections import Counter
 from collections.abc import Callable, Sequence
 
 from pydantic import BaseModel, ConfigDict
@@ -36,7 +35,8 @@ from moeplan.hardware import HOST_RAM_GB_PER_S, HOST_TFLOPS, Gpu
 from moeplan.kv_cache import attention_flops, decode_read_bytes
 from moeplan.layout import Layout, Scenario, expert_share, stage_bounds
 from moeplan.params import (
-    ATTENTION, DENSE_FFN, DENSE_MLP, LM_HEAD, MAMBA, ROUTED_EXPERTS, SHARED_EXPERTS, expert_params, layer_params,
+    ATTENTION, DENSE_FFN, DENSE_MLP, LM_HEAD, MAMBA, ROUTED_EXPERTS, SHARED_EXPERTS, expert_params, is_moe,
+    layer_group_ids, layer_groups, layer_params,
 )  # fmt: skip
 from moeplan.plan import Plan, Speed, layout_of
 from moeplan.quant import QuantScheme, kv_dtype_bytes
@@ -208,11 +208,12 @@ def step_cost(
     attn_tokens = attn_seqs * tokens_per_seq
     kvb = kv_dtype_bytes(kv_dtype)
     k = spec.experts_per_token
-    if spec.is_moe and layout.ep > 1:
+    moe = is_moe(spec)
+    if moe and layout.ep > 1:
         load = rank_load(spec.num_experts, k, tokens, layout.ep, probs, redundant)
         local_touched = load.distinct_max  # the busiest rank's expert reads
         local_pairs = load.assignments_max  # and its token-expert pairs (FLOPs)
-    elif spec.is_moe:
+    elif moe:
         load = rank_load(spec.num_experts, k, tokens, 1, probs)
         local_touched = load.distinct_total / tp  # experts tensor-sliced over tp: every rank alike
         local_pairs = tokens * k / tp
@@ -236,10 +237,12 @@ def step_cost(
             ep_moved = max(attn_tokens * hits_per_token, load.tokens_in_max) * spec.hidden_size
 
     total = compute_t = memory_t = comm_t = bytes_all = flops_all = 0.0
+    kind_of = layer_group_ids(spec)
     for stage, (start, end) in enumerate(stage_bounds(layout.stage_layers)):
-        for layer, times in Counter(spec.layers[start:end]).items():
-            ids = [i for i in range(start, end) if spec.layers[i] == layer]
-            off = sum(1 for i in ids if i in offloaded)
+        for layer, times in layer_groups(spec, spec.layers[start:end]):
+            # Offloaded layers of this kind in this stage (equal layers are one kind).
+            off = sum(1 for i in range(start, end) if i in offloaded
+                      and kind_of[id(spec.layers[i])] == kind_of[id(layer)]) if offloaded else 0
             parts = layer_params(spec, layer)
             b = f = 0.0
             for comp, (n_total, n_active) in parts.items():
@@ -357,7 +360,7 @@ def error_band(engine: str, batch: int, *, offload: bool = False) -> tuple[float
 class PerfResult(BaseModel):
     """`model_dump()` is exactly `moeplan perf --json`."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     model: str
     gpus: str
     quant: str
@@ -597,7 +600,7 @@ def perf_report(
 
 
 class LayerPrediction(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     decode_s: float
     prefill_s: float
     decode_bytes: float

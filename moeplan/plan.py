@@ -15,7 +15,7 @@ from moeplan.errors import MoeplanError
 from moeplan.hardware import Gpu
 from moeplan.layout import (
     GpuUse, Layout, Scenario, candidate_layouts, dispatch_buffer_bytes, even_stages, gpu_rows, stage_activation_bytes,
-    stage_kv_bytes, uneven_stages,
+    stage_kv_fn, uneven_stages,
 )  # fmt: skip
 from moeplan.kv_cache import cache_bytes
 from moeplan.memory import MAX_CONTEXT, activation_bytes, check_context, overhead_bytes, weight_bytes
@@ -129,7 +129,7 @@ PREFERENCES = ("latency", "throughput", "memory")
 class LayoutRequest(BaseModel):
     """A layout the user forces (`--tp N --ep N --pp N --dp-attention`, or a spec's `layout:`)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     tp: int | None = None
     ep: int | None = None
     pp: int | None = None
@@ -278,15 +278,22 @@ def _max_search(lo: int, hi: int, ok: Callable[[int], bool]) -> int:
     return lo
 
 
-def _rows_fit(spec: ModelSpec, layout: Layout, rows: list[GpuUse], sc: Scenario, context: int, batch: int) -> bool:
-    """Do these rows still fit with another context or batch? Only KV and activations change."""
-    for row in rows:
-        kv = stage_kv_bytes(spec, layout, row.stage, context, batch, sc.kv_dtype)
-        act = stage_activation_bytes(spec, layout, row.stage, sc, context, batch)
-        act += dispatch_buffer_bytes(spec, layout, sc, row.local_experts)
-        if row.weights_bytes + kv + act + row.overhead_bytes > row.budget_bytes:
-            return False
-    return True
+def _rows_fit(spec: ModelSpec, layout: Layout, rows: list[GpuUse], sc: Scenario) -> Callable[[int, int], bool]:
+    """`(context, batch) -> do these rows still fit?` Only KV and activations change; each row's cache
+    terms are gathered once for the dozens of contexts and batches the searches try."""
+    checks = [(row, stage_kv_fn(spec, layout, row.stage, sc.kv_dtype),
+               dispatch_buffer_bytes(spec, layout, sc, row.local_experts)) for row in rows]
+
+    def fits(context: int, batch: int) -> bool:
+        for row, kv_bytes, dispatch in checks:
+            kv = kv_bytes(context, batch)
+            act = stage_activation_bytes(spec, layout, row.stage, sc, context, batch)
+            act += dispatch
+            if row.weights_bytes + kv + act + row.overhead_bytes > row.budget_bytes:
+                return False
+        return True
+
+    return fits
 
 
 def context_limit(spec: ModelSpec) -> int:
@@ -299,8 +306,9 @@ def evaluate(spec: ModelSpec, scheme: QuantScheme, layout: Layout, gpus: tuple[G
     fits = overflow is None
     max_ctx = max_batch = 0
     if fits:
-        max_ctx = _max_search(1, context_limit(spec), lambda c: _rows_fit(spec, layout, rows, sc, c, sc.batch))
-        max_batch = _max_search(1, 65536, lambda b: _rows_fit(spec, layout, rows, sc, sc.context, b))
+        still_fits = _rows_fit(spec, layout, rows, sc)
+        max_ctx = _max_search(1, context_limit(spec), lambda c: still_fits(c, sc.batch))
+        max_batch = _max_search(1, 65536, lambda b: still_fits(sc.context, b))
     return Plan(
         quant=scheme.name, layout=layout.label, tp=layout.tp, ep=layout.ep, pp=layout.pp,
         dp_attention=layout.dp_attention, stage_layers=layout.stage_layers, fits=fits, per_gpu=rows,
@@ -340,6 +348,8 @@ def quant_candidates(spec: ModelSpec, quant: str | None) -> list[QuantScheme]:
     out = [native]
     for name in LADDER:
         scheme = get_scheme(name).for_model(spec)
+        if native.gguf and not scheme.gguf:
+            continue  # a GGUF file is re-quantized by llama.cpp tools to other GGUF types, not to vLLM formats
         if scheme.expert_bits < native.expert_bits and scheme.name not in {s.name for s in out}:
             out.append(scheme)
     return out

@@ -68,6 +68,10 @@ class QuantScheme(BaseModel):
         """Resolve a llama.cpp mixture's per-component bits for this model's shapes."""
         if not self.gguf_mix:
             return self
+        if self.gguf_mix.get("file"):
+            from moeplan.gguf_file import file_scheme  # a GGUF file's own bytes per component
+
+            return file_scheme(spec)
         return self.model_copy(update={"component_bits": {**self.component_bits, **_gguf_bits(spec, self.gguf_mix)},
                                        "gguf_mix": None})
 
@@ -187,6 +191,9 @@ def builtin_schemes() -> dict[str, QuantScheme]:
         QuantScheme(name="fp32", description="32-bit float", bits=32, compute="fp32", engines=("vllm", "sglang")),
         QuantScheme(name="bf16", description="bfloat16", bits=16, engines=("vllm", "sglang", "llamacpp")),
         QuantScheme(name="fp16", description="float16", bits=16, engines=("vllm", "sglang", "llamacpp")),
+        # A GGUF file given as MODEL, sized by its own tensor types (moeplan.gguf_file.file_scheme).
+        QuantScheme(name="gguf-file", description="a GGUF file's own tensor types", bits=ggml_bpw("q4_k"),
+                    gguf=True, engines=("llamacpp",), gguf_mix={"file": True}),
         QuantScheme(name="fp8", description="fp8 e4m3 weights, per-tensor scale; embeddings/lm_head/router bf16",
                     bits=8, component_bits=dict(_KEEP_16), compute="fp8", vllm_quantization="fp8"),
         QuantScheme(name="fp8-block", description="fp8 e4m3 with 128x128 fp32 block scales (DeepSeek-V3)",
@@ -290,6 +297,8 @@ def _mixed(key: str, text: str) -> QuantScheme:
         name, _, value = item.partition("=")
         if name not in ("experts", "rest") or not value or "=" in value:
             raise QuantError(f"cannot read '{text}': write experts=SCHEME,rest=SCHEME (e.g. experts=int4,rest=bf16)")
+        if name in parts:  # last-wins would silently plan something else than asked
+            raise QuantError(f"'{text}' names {name}= twice; give each of experts= and rest= once")
         parts[name] = value
     experts = get_scheme(parts.get("experts", "bf16"))
     rest = get_scheme(parts.get("rest", "bf16"))
@@ -310,6 +319,8 @@ def native_scheme(spec: ModelSpec) -> QuantScheme:
     """The checkpoint as shipped: its quantization_config, else its torch_dtype."""
     qc = spec.quantization_config or {}
     method = (spec.checkpoint_quant or "").lower()
+    if method == "gguf":
+        return get_scheme("gguf-file").for_model(spec)
     if spec.expert_dtype in ("fp4", "mxfp4") and method in ("fp8", ""):
         return get_scheme("fp4-experts")
     if method == "fp8":

@@ -5,19 +5,19 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from moeplan.compare import CompareResult, CompareRow
-from moeplan.hardware import Gpu
-from moeplan.memory import MemoryReport
-from moeplan.params import ParamCount
-from moeplan.perf import ENGINE_MEMORY_EFFICIENCY, PerfResult
-from moeplan.plan import FitResult, Plan
-from moeplan.spec import StoredCheckpoint
-
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # the result models are only read here; importing them would load compare (for fit too)
+    from moeplan.compare import CompareResult, CompareRow
+    from moeplan.hardware import Gpu
+    from moeplan.memory import MemoryReport
+    from moeplan.params import ParamCount
+    from moeplan.perf import PerfResult
+    from moeplan.plan import FitResult, Plan
     from moeplan.sources import Card
+    from moeplan.spec import StoredCheckpoint
 
 GB = 1e9
 GiB = 2**30
@@ -43,7 +43,7 @@ def both(n: float) -> str:
 
 
 def params_table(count: ParamCount) -> Table:
-    table = Table(title=f"{count.model} parameters", title_justify="left")
+    table = Table(title=f"{escape(count.model)} parameters", title_justify="left")
     table.add_column("component")
     table.add_column("total", justify="right")
     table.add_column("active / token", justify="right")
@@ -86,7 +86,7 @@ def models_table(rows: list[tuple[Card, ParamCount]]) -> Table:
         experts = f"{spec.experts_per_token}/{spec.num_experts}" if spec.is_moe else "-"
         if spec.num_shared_experts:
             experts += f" +{spec.num_shared_experts}s"
-        table.add_row(card.name, card.hub_id or "", billions(count.total_params), billions(count.active_params), experts)
+        table.add_row(escape(card.name), escape(card.hub_id or ""), billions(count.total_params), billions(count.active_params), experts)
     return table
 
 
@@ -114,7 +114,7 @@ def checkpoint_lines(stored: StoredCheckpoint, count: ParamCount) -> Text:
 
 
 def memory_table(rep: MemoryReport) -> Table:
-    table = Table(title=f"{rep.model} memory, {rep.quant} weights, {rep.batch} x {rep.context:,} tokens, "
+    table = Table(title=f"{escape(rep.model)} memory, {rep.quant} weights, {rep.batch} x {rep.context:,} tokens, "
                   f"KV {rep.kv_dtype}", title_justify="left")
     table.add_column("part")
     table.add_column("GiB (2^30 B)", justify="right")
@@ -194,6 +194,8 @@ def fit_verdict(res: FitResult) -> Text:
                  f"{o.cpu_budget_bytes / GiB:,.1f} GiB usable)"]
         sp = best.speed
         if sp is not None:
+            from moeplan.perf import ENGINE_MEMORY_EFFICIENCY
+
             cpu_eff = ENGINE_MEMORY_EFFICIENCY["llama.cpp cpu experts"]
             lines.append(f"  llama.cpp (--n-cpu-moe; experts run on the CPU from {o.host_gb_per_s:g} GB/s RAM, "
                          f"{cpu_eff:.0%} of it reached, fitted): "
@@ -265,14 +267,14 @@ def memory_bars(plan: Plan, width: int = 40) -> Table:
         bar.append("." * max(0, width - len(bar.plain)), style="dim")
         label = f"GPU {row.index} {row.name}" + (f" (x{row.count})" if row.count > 1 else "")
         over = "" if row.fits else " [red]OVER[/red]"
-        table.add_row(label, bar, f"{row.used_bytes / GiB:,.1f}/{row.budget_bytes / GiB:,.1f}{over}")
+        table.add_row(escape(label), bar, f"{row.used_bytes / GiB:,.1f}/{row.budget_bytes / GiB:,.1f}{over}")
     if len(plan.per_gpu) > 16:
         table.add_row("...", f"{len(plan.per_gpu) - 16} more rows in --json", "")
     return table
 
 
 def perf_table(res: PerfResult) -> Table:
-    table = Table(title=f"{res.model} on {res.gpus}: {res.quant}, {res.layout}, batch {res.batch}, "
+    table = Table(title=f"{escape(res.model)} on {escape(res.gpus)}: {res.quant}, {res.layout}, batch {res.batch}, "
                   f"context {res.context:,}", title_justify="left")
     table.add_column("figure")
     table.add_column("value", justify="right")
@@ -327,10 +329,10 @@ def sweep_table(res: PerfResult) -> Table:
 
 def compare_table(res: CompareResult) -> Table:
     """One column per model, one row per figure."""
-    table = Table(title=f"compare on {res.gpus}, context {res.context:,}, batch {res.batch}", title_justify="left")
+    table = Table(title=f"compare on {escape(res.gpus)}, context {res.context:,}, batch {res.batch}", title_justify="left")
     table.add_column("figure")
     for r in res.rows:
-        table.add_column(r.model, justify="right")
+        table.add_column(escape(r.model), justify="right")
 
     def cells(fn: Callable[[CompareRow], str]) -> list[str]:
         return [fn(r) if r.fits else "-" for r in res.rows]
@@ -378,7 +380,7 @@ def sweep_chart(res: PerfResult, width: int = 40) -> Table:
 def bench_table(res: object) -> Table:
     """Predicted vs measured for `moeplan bench` (a BenchResult; typed loosely so report needs no torch)."""
     r = res  # BenchResult
-    table = Table(title=f"{r.model} on {r.device_name} ({r.device}), {r.dtype}, layers {r.layers}, MoE path "  # type: ignore[attr-defined]
+    table = Table(title=f"{escape(r.model)} on {escape(r.device_name)} ({r.device}), {r.dtype}, layers {r.layers}, MoE path "  # type: ignore[attr-defined]
                   f"{r.path}, batch {r.batch}, context {r.context:,}, prompt {r.prompt:,}", title_justify="left")  # type: ignore[attr-defined]
     for col in ("figure", "predicted", "measured", "error"):
         table.add_column(col, justify="left" if col == "figure" else "right")

@@ -218,10 +218,9 @@ def _rank_load(q: list[float], top_k: int, tokens: float, placement: list[list[i
     touched = [1 - (1 - qe) ** t for qe in q]
     # Ranks with the same experts' probabilities share their distributions: compute each once.
     groups: Counter[tuple[float, ...]] = Counter(tuple(sorted(round(q[e], 12) for e in rng)) for rng in placement)
-    distinct_pmfs, assign_stats, token_stats = [], [], []
+    touch_probs, assign_stats, token_stats = [], [], []
     for q_rank, count in groups.items():
-        p_touch = [1 - (1 - qe) ** t for qe in q_rank]
-        distinct_pmfs.append((_poisson_binomial(p_touch), count))
+        touch_probs.append(([1 - (1 - qe) ** t for qe in q_rank], count))
         hits = _per_token_hits(q_rank, top_k)
         mean1 = sum(j * p for j, p in enumerate(hits))
         var1 = sum(j * j * p for j, p in enumerate(hits)) - mean1**2
@@ -230,12 +229,19 @@ def _rank_load(q: list[float], top_k: int, tokens: float, placement: list[list[i
         token_stats.append((p_in, count))
     n = sum(c for _, c in groups.items())
     distinct_mean = sum(touched) / n
-    distinct_max = _expected_max_discrete(distinct_pmfs) if ranks > 1 else sum(touched)
     assignments_mean = sum(m * t * c for _, m, _, c in assign_stats) / n
     tokens_in_mean = sum(p * t * c for p, c in token_stats) / n
+    sampled = ranks > 1 and float(t).is_integer() and 0 < t * top_k <= _SAMPLE_PICKS
+    # The busiest rank's distinct experts from each rank's Poisson-binomial pmf, where the sampled
+    # figure does not replace it (one rank: all of them). The pmf costs O(E_r^2): 256 experts on one
+    # rank is most of a DeepSeek fit, so it is only built where it is read.
+    if ranks > 1 and not sampled:
+        distinct_max = _expected_max_discrete([(_poisson_binomial(ps), c) for ps, c in touch_probs])
+    else:
+        distinct_max = sum(touched)
     if ranks <= 1:
         assign_max, tokens_max = assignments_mean, tokens_in_mean
-    elif float(t).is_integer() and 0 < t * top_k <= _SAMPLE_PICKS:
+    elif sampled:
         distinct_max, assign_max, tokens_max = _sampled_max(q, top_k, int(t), placement)
     elif max(m * t for _, m, _, _ in assign_stats) <= _EXACT_LIMIT and float(t).is_integer():
         assign_max = _expected_max_discrete([(_convolve_power(h, int(t)), c) for h, _, _, c in assign_stats])
@@ -262,6 +268,8 @@ def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[list[i
         for e in rng:
             owner[e] = r
     uniform = max(q) - min(q) < 1e-12
+    if uniform and 0 < top_k <= len(q) and _fast_sample_matches():
+        return _sampled_max_uniform(len(q), top_k, tokens, owner, len(placement))
     experts = range(len(q))
     sums = [0.0, 0.0, 0.0]
     for _ in range(_SAMPLES):
@@ -280,6 +288,183 @@ def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[list[i
         distinct = [0] * len(placement)
         for e in touched:
             distinct[owner[e]] += 1
+        sums[0] += max(distinct)
+        sums[1] += max(assign)
+        sums[2] += max(hits)
+    return sums[0] / _SAMPLES, sums[1] / _SAMPLES, sums[2] / _SAMPLES
+
+
+class _MTWords:
+    """The 32-bit outputs of random.Random(seed) in order, each kept shifted right by the shifts asked
+    for. getrandbits(32 x N) returns the next N outputs, output i at bits 32i..32i+31, so they are
+    drawn in blocks; a shift of 24 or more needs only each output's top byte, which bytes.translate
+    shifts at C speed."""
+
+    def __init__(self, seed: int, shifts: Sequence[int]) -> None:
+        import random
+
+        self._rnd = random.Random(seed)
+        self._shifts = sorted(set(shifts))
+        self.by_shift: dict[int, bytearray | list[int]] = {
+            sh: bytearray() if sh >= 24 else [] for sh in self._shifts}
+        self.size = 0
+
+    def grow(self, count: int) -> None:
+        import struct
+
+        raw = self._rnd.getrandbits(32 * count).to_bytes(4 * count, "little")
+        top = raw[3::4]
+        words = struct.unpack(f"<{count}I", raw) if any(sh < 24 for sh in self._shifts) else ()
+        for sh in self._shifts:
+            if sh >= 24:
+                self.by_shift[sh] += top.translate(bytes(b >> (sh - 24) for b in range(256)))  # type: ignore[operator]
+            else:
+                self.by_shift[sh] += [w >> sh for w in words]  # type: ignore[operator]
+        self.size += count
+
+
+def _sample_setsize(k: int) -> int:
+    """random.sample's rule: a pool list when the population is at most this, else a set of picks."""
+    return 21 + (4 ** math.ceil(math.log(k * 3, 4)) if k > 5 else 0)
+
+
+def _uniform_picks(n: int, k: int, seed: int, count: int) -> list[int]:
+    """`count` calls of random.Random(seed).sample(range(n), k), concatenated: the same picks in the
+    same order, without a method call per pick (fit samples 7,200 tokens at Mixtral's capacity batch).
+
+    CPython's sample draws each index with _randbelow(m): getrandbits(m.bit_length()) until below m,
+    and getrandbits(b <= 32) is one output shifted right by 32 - b. Populations up to _sample_setsize
+    take the pool path (the pick's slot is refilled from the end of the pool), larger ones the set
+    path (a repeat is drawn again), as sample does. _fast_sample_matches checks this against
+    random.sample itself."""
+    pool_path = n <= _sample_setsize(k)
+    sizes = [n - i for i in range(k)] if pool_path else [n]
+    shifts = [32 - m.bit_length() for m in sizes]
+    words = _MTWords(seed, shifts)
+    # Outputs one token uses on average (a draw below m takes 2^bits / m tries), with a margin; a
+    # token that runs past them is redrawn after more are drawn.
+    per_token = sum((1 << m.bit_length()) / m for m in sizes) if pool_path else k * (1 << n.bit_length()) / (n - k)
+    words.grow(int(count * per_token * 1.1) + 64)
+    out: list[int] = []
+    pos = 0
+    while len(out) < count * k:
+        pos, done = _draw_tokens(words, n, k, pool_path, shifts, pos, count - len(out) // k, out)
+        if not done:
+            words.grow(4096)
+    return out
+
+
+def _draw_tokens(words: _MTWords, n: int, k: int, pool_path: bool, shifts: list[int], pos: int, tokens: int,
+                 out: list[int]) -> tuple[int, bool]:
+    """_uniform_picks' loop: up to `tokens` samples appended to `out` from output `pos` on; returns
+    the next output and whether all were drawn (False: the outputs ran out at a token, which is left
+    undrawn)."""
+    per = [words.by_shift[sh] for sh in shifts]
+    append = out.append
+    if pool_path and k == 2:  # Mixtral, Grok, Jamba, Phi-3.5: after one pick the pool is known
+        first, second = per
+        last = n - 1
+        for _ in range(tokens):
+            start = pos
+            try:
+                j = first[pos]
+                pos += 1
+                while j >= n:
+                    j = first[pos]
+                    pos += 1
+                i = second[pos]
+                pos += 1
+                while i >= last:
+                    i = second[pos]
+                    pos += 1
+            except IndexError:
+                return start, False
+            append(j)
+            append(last if i == j else i)  # pool[j] took the last expert's place
+        return pos, True
+    for _ in range(tokens):
+        start = pos
+        picks: list[int] = []
+        try:
+            if pool_path:
+                pool = list(range(n))
+                for step in range(k):
+                    vals, m = per[step], n - step
+                    j = vals[pos]
+                    pos += 1
+                    while j >= m:
+                        j = vals[pos]
+                        pos += 1
+                    picks.append(pool[j])
+                    pool[j] = pool[m - 1]
+            else:
+                vals = per[0]
+                for _ in range(k):
+                    j = vals[pos]
+                    pos += 1
+                    while j >= n or j in picks:
+                        j = vals[pos]
+                        pos += 1
+                    picks.append(j)
+        except IndexError:
+            return start, False
+        out += picks
+    return pos, True
+
+
+@lru_cache(maxsize=1)
+def _fast_sample_matches() -> bool:
+    """Does _uniform_picks reproduce random.sample on this Python (every path)? Where it does not
+    (another Python's random), _sampled_max keeps calling random.sample."""
+    import random
+
+    for n, k in ((8, 2), (16, 4), (256, 8)):
+        rnd = random.Random(1234)
+        want = [e for _ in range(20) for e in rnd.sample(range(n), k)]
+        if _uniform_picks(n, k, 1234, 20) != want:
+            return False
+    return True
+
+
+def _sampled_max_uniform(n: int, k: int, tokens: int, owner: list[int], ranks: int) -> tuple[float, float, float]:
+    """_sampled_max for uniform routing, the same figures from the same draws (_uniform_picks), counted
+    without a set per token."""
+    picks = _uniform_picks(n, k, 1234, _SAMPLES * tokens)
+    sums = [0.0, 0.0, 0.0]
+    per_sample = tokens * k
+    for s in range(_SAMPLES):
+        seen = bytearray(n)
+        distinct = [0] * ranks
+        assign = [0] * ranks
+        hits = [0] * ranks
+        base = s * per_sample
+        if k == 2:
+            for p in range(base, base + per_sample, 2):
+                a, b = picks[p], picks[p + 1]
+                ra, rb = owner[a], owner[b]
+                if not seen[a]:
+                    seen[a] = 1
+                    distinct[ra] += 1
+                if not seen[b]:
+                    seen[b] = 1
+                    distinct[rb] += 1
+                assign[ra] += 1
+                assign[rb] += 1
+                hits[ra] += 1
+                if rb != ra:
+                    hits[rb] += 1
+        else:
+            for p in range(base, base + per_sample, k):
+                hit = set()
+                for e in picks[p:p + k]:
+                    r = owner[e]
+                    if not seen[e]:
+                        seen[e] = 1
+                        distinct[r] += 1
+                    assign[r] += 1
+                    hit.add(r)
+                for r in hit:
+                    hits[r] += 1
         sums[0] += max(distinct)
         sums[1] += max(assign)
         sums[2] += max(hits)
@@ -338,7 +523,7 @@ MAX_ROUTING_FILE_BYTES = 16 * 2**20
 class Routing(BaseModel):
     """Each expert's share of routed picks, per MoE layer (None: uniform). `label` says where it came from."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     label: str = "uniform"
     per_layer: tuple[tuple[float, ...], ...] | None = None  # one tuple of E shares per MoE layer
 
@@ -418,31 +603,26 @@ def parse_routing(text: str | None, num_experts: int, num_moe_layers: int) -> Ro
 def _read_routing_file(path_text: str) -> list[list[float]]:
     import csv
     import io
-    import json
     from pathlib import Path
 
     from moeplan.errors import MoeplanError
 
+    from moeplan.safeio import check_path_text, loads_json, read_text
+
+    check_path_text(path_text, "--routing")
     path = Path(path_text).expanduser()
-    if not path.is_file():
+    if not path.exists():
         raise MoeplanError(f"--routing {path_text}: not uniform, zipf:S or a readable file")
-    if path.stat().st_size > MAX_ROUTING_FILE_BYTES:
-        raise MoeplanError(f"--routing {path_text}: larger than {MAX_ROUTING_FILE_BYTES // 2**20} MiB")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise MoeplanError(f"--routing {path_text}: cannot read it as UTF-8 text ({exc})") from None
+    text = read_text(path, what="--routing file", max_bytes=MAX_ROUTING_FILE_BYTES)
 
     def numbers(row: object) -> list[float]:
-        if not isinstance(row, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in row):
-            raise MoeplanError(f"--routing {path_text}: each layer must be a list of numbers")
+        if not isinstance(row, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                and math.isfinite(x) for x in row):
+            raise MoeplanError(f"--routing {path_text}: each layer must be a list of finite numbers")
         return [float(x) for x in row]
 
     if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{"):
-        try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise MoeplanError(f"--routing {path_text}: not valid JSON ({exc})") from None
+        data = loads_json(text, f"--routing {path_text}")
         if isinstance(data, dict):
             data = data.get("layers", [data[k] for k in sorted(data, key=lambda k: int(k) if str(k).isdigit() else 0)])
         if isinstance(data, list) and data and not isinstance(data[0], list):
@@ -457,7 +637,10 @@ def _read_routing_file(path_text: str) -> list[list[float]]:
         if not cells:
             continue
         try:
-            rows.append([float(c) for c in cells])
+            values = [float(c) for c in cells]
+            if not all(math.isfinite(v) for v in values):
+                raise MoeplanError(f"--routing {path_text}: a CSV row with a value that is not finite: {record[:4]}")
+            rows.append(values)
         except ValueError:
             if rows or seen_header:  # one header row is allowed, and only first
                 raise MoeplanError(f"--routing {path_text}: a CSV row that is not numbers: {record[:4]}") from None

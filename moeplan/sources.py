@@ -14,7 +14,6 @@ Card format (model_cards/*.yaml), documented in README:
 from __future__ import annotations
 
 import difflib
-import json
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,9 +23,9 @@ from typing import Any
 import yaml
 
 from moeplan.errors import ConfigError, UnknownModelError
+from moeplan.safeio import check_path_text, load_yaml, loads_json, read_text
 from moeplan.spec import ModelSpec, first_error, spec_from_config
 
-_YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
 
 
@@ -61,37 +60,38 @@ def cards_dir() -> Path:
 
 
 def _load_yaml(path: Path) -> Any:
+    text = read_text(path, what="model card")  # regular file, size cap, UTF-8
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_YAML_LOADER)
+        return load_yaml(text, str(path))  # aliases and depth bounded
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(exc, 'problem', exc)}); fix the file") from None
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+
+
+@lru_cache(maxsize=None)
+def _card_at(path: Path) -> Card:
+    """The card in one bundled file, read once per process (find_card and bundled_cards share it)."""
+    data = _load_yaml(path)
+    if not isinstance(data, dict) or "name" not in data:
+        raise ConfigError(f"{path}: a model card needs at least 'name' and 'config' or 'spec'")
+    return Card(name=str(data["name"]).lower(), hub_id=data.get("hub_id"),
+                aliases=tuple(str(a) for a in data.get("aliases") or ()), path=path, data=data)
 
 
 @lru_cache(maxsize=1)
 def bundled_cards() -> tuple[Card, ...]:
-    cards = []
-    for path in sorted(cards_dir().glob("*.yaml")):
-        data = _load_yaml(path)
-        if not isinstance(data, dict) or "name" not in data:
-            raise ConfigError(f"{path}: a model card needs at least 'name' and 'config' or 'spec'")
-        cards.append(
-            Card(
-                name=str(data["name"]).lower(),
-                hub_id=data.get("hub_id"),
-                aliases=tuple(str(a) for a in data.get("aliases") or ()),
-                path=path,
-                data=data,
-            )
-        )
-    return tuple(cards)
+    return tuple(_card_at(path) for path in sorted(cards_dir().glob("*.yaml")))
 
 
 def find_card(name: str) -> Card | None:
     key = name.strip().lower()
+    # The common case first: a card's own name is its file's stem, so one file is read, not all.
+    path = cards_dir() / f"{key}.yaml"
+    if key and "/" not in key and "\\" not in key and not key.startswith(".") and path.is_file():
+        card = _card_at(path)
+        if card.name == key:
+            return card
     for card in bundled_cards():
         keys = {card.name, *(a.lower() for a in card.aliases)}
         if card.hub_id:
@@ -121,20 +121,17 @@ def spec_from_card_data(data: Any, *, label: str) -> ModelSpec:
 
 
 def read_config_file(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg}); fix or re-download it") from None
+    raw = loads_json(read_text(path, what="config"), str(path))
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: config.json must be a JSON object")
     return raw
 
 
 def spec_from_path(path: Path) -> ModelSpec:
+    if path.suffix.lower() == ".gguf":
+        from moeplan.gguf_file import spec_from_gguf  # imports gguf and numpy only on this path
+
+        return spec_from_gguf(path)
     if path.is_dir():
         config = path / "config.json"
         if not config.is_file():
@@ -146,7 +143,8 @@ def spec_from_path(path: Path) -> ModelSpec:
 
 
 def looks_like_path(model: str) -> bool:
-    return model.endswith((".json", ".yaml", ".yml")) or model.startswith((".", "/", "~")) or Path(model).exists()
+    return (model.endswith((".json", ".yaml", ".yml")) or model.lower().endswith(".gguf")
+            or model.startswith((".", "/", "~")) or Path(model).exists())
 
 
 def resolve(model: str, *, from_hub: bool = False) -> ModelSpec:
@@ -154,6 +152,7 @@ def resolve(model: str, *, from_hub: bool = False) -> ModelSpec:
     model = model.strip()
     if not model:
         raise UnknownModelError("no model given; name a card (see `moeplan models`), a Hub id or a path")
+    check_path_text(model, "MODEL")
     if looks_like_path(model):
         path = Path(model).expanduser()
         if not path.exists():

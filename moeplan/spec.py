@@ -7,7 +7,7 @@ A ModelSpec says only what decides parameters, memory and compute. It is built o
 from __future__ import annotations
 
 import math
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
@@ -17,8 +17,57 @@ Mixer = Literal["full", "sliding", "chunked", "mamba", "linear", "compressed"]
 Ffn = Literal["dense", "moe"]
 
 
+def _scalar_kinds(annotation: Any) -> set[type]:
+    """The scalar types a field annotation admits (int, float, bool), through Optional and Annotated."""
+    from typing import get_args, get_origin
+
+    if annotation in (int, float, bool):
+        return {annotation}
+    if get_origin(annotation) is Annotated:
+        return _scalar_kinds(get_args(annotation)[0])
+    args = get_args(annotation)
+    if args and all(a in (int, float, bool, type(None)) or get_origin(a) is Annotated for a in args):
+        out: set[type] = set()
+        for a in args:
+            if a is not type(None):
+                out |= _scalar_kinds(a)
+        return out
+    return set()
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: a card's `spec:` is user input too; "64" is not 64 and "false" is not a bool. No
+    # infinities or NaN in any float; every whole number bounded (the fit search and the arithmetic
+    # stay finite).
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    _counted: ClassVar[bool] = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_coercion(cls, data: Any) -> Any:
+        # pydantic's lax mode turns "64" into 64 and "false" into False; strict mode would also
+        # refuse the lists YAML gives for tuples. So: refuse strings and bools where a number goes,
+        # and anything but a bool where a bool goes, before lax mode sees them.
+        if not isinstance(data, dict):
+            return data
+        for name, field in cls.model_fields.items():
+            if name not in data or data[name] is None:
+                continue
+            value, kinds = data[name], _scalar_kinds(field.annotation)
+            if kinds == {bool} and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r:.40}")
+            if kinds and kinds <= {int, float} and (isinstance(value, (str, bool))):
+                raise ValueError(f"{name} must be a number, got {value!r:.40}")
+        return data
+
+    @model_validator(mode="after")
+    def _bounded(self) -> _Frozen:
+        if self._counted:
+            return self
+        for key, value in self.__dict__.items():
+            if isinstance(value, int) and not isinstance(value, bool) and value > _MAX_FIELD.get(key, MAX_WIDTH):
+                raise ValueError(f"{key} is {value:,}; at most {_MAX_FIELD.get(key, MAX_WIDTH):,} (no model has more)")
+        return self
 
 
 class LayerSpec(_Frozen):
@@ -168,6 +217,8 @@ AnyVision = Annotated[VisionSpec | QwenVisionSpec | Gemma4VisionSpec, Field(disc
 class StoredCheckpoint(_Frozen):
     """What a checkpoint's safetensors headers say it stores (filled by moeplan.hub)."""
 
+    _counted: ClassVar[bool] = True  # byte and element totals: sums the reader made, not config sizes
+
     params_by_dtype: dict[str, int]  # safetensors dtype ("BF16", "F8_E4M3", "U8", ...) -> elements
     total_bytes: int  # sum of tensor data bytes over all shards
     num_files: int
@@ -213,7 +264,7 @@ class ModelSpec(_Frozen):
     norm: Literal["rms", "layernorm", "layernorm_nobias"] = "rms"
     norms_per_layer: PositiveInt = 2  # Grok-1 has four, Gemma 4 MoE seven
 
-    layers: tuple[LayerSpec, ...] = Field(min_length=1)
+    layers: tuple[LayerSpec, ...] = Field(min_length=1, max_length=1024)  # MAX_LAYERS
 
     # FFN and MoE
     dense_intermediate_size: int = Field(0, ge=0)
@@ -339,6 +390,124 @@ WRAPPER_MODEL_TYPES = (
     "llava", "glm4v_moe",
 )  # fmt: skip
 
+# ----------------------------------------------------------------------------------------------
+# What each config key may hold: the one check every value passes before anything reads it. A
+# config is user input (a file, a card, a Hub download): a key holding the wrong kind of value is
+# refused with its name rather than coerced (int("64"), bool("false") is True) or left to overflow
+# later (10**19 experts, 1e300 layers). Bounds are far above any real model, low enough that the
+# arithmetic and the fit search stay finite and fast.
+# ----------------------------------------------------------------------------------------------
+
+MAX_LAYERS = 1024  # decoder layers; the deepest model here has 126 (Llama 3.1 405B: 126)
+MAX_EXPERTS = 65_536  # routed experts per layer; the most here: 384 (Kimi K2)
+MAX_VOCAB = 2**24  # the largest vocabulary here: 262,144 (Gemma)
+MAX_WIDTH = 2**22  # hidden / FFN / head sizes, head counts, ranks; the widest here: 53,248
+MAX_POSITIONS = 2**28  # context-like keys; the longest here: 10,485,760 (Llama 4 Scout)
+
+# ModelSpec fields above MAX_WIDTH's bound.
+_MAX_FIELD = {"vocab_size": MAX_VOCAB, "per_layer_input_vocab": MAX_VOCAB, "max_position_embeddings": MAX_POSITIONS,
+              "window": MAX_POSITIONS, "num_position_embeddings": MAX_POSITIONS, "topk": MAX_POSITIONS,
+              "num_experts": MAX_EXPERTS, "mtp_layers": MAX_LAYERS}
+
+_BOOL_KEYS = frozenset({
+    "attention_bias", "attention_k_eq_v", "attn_output_gate", "enable_moe_block", "lm_head_bias",
+    "mamba_conv_bias", "mamba_proj_bias", "norm_topk_prob", "tie_word_embeddings", "use_double_wide_mlp",
+    "use_qk_norm", "use_routing_bias", "use_sliding_window", "mlp_bias",
+})  # fmt: skip
+_FLOAT_KEYS: dict[str, tuple[float, float]] = {
+    "routed_scaling_factor": (0.0, 1e6), "pixel_shuffle_ratio": (1e-3, 1.0),
+}
+_LAYER_COUNT_KEYS = frozenset({
+    "num_hidden_layers", "n_layers", "num_layers", "depth", "num_nextn_predict_layers", "mtp_num_hidden_layers",
+    "num_mtp_modules", "first_k_dense_replace", "num_kv_shared_layers", "num_hash_layers", "attn_layer_offset",
+    "attn_layer_period", "expert_layer_offset", "expert_layer_period", "full_attention_interval",
+    "no_rope_layer_interval", "sliding_window_pattern", "decoder_sparse_step", "moe_layer_freq",
+    "index_topk_freq", "index_skip_topk_offset",
+})  # fmt: skip
+_EXPERT_COUNT_KEYS = frozenset({
+    "num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_experts_per_tok",
+    "experts_per_token", "moe_top_k", "moe_topk", "top_k_experts", "n_shared_experts", "num_shared_expert",
+    "num_shared_experts", "n_group", "topk_group",
+})  # fmt: skip
+_POSITION_KEYS = frozenset({
+    "max_position_embeddings", "max_seq_len", "sliding_window", "attention_chunk_size", "index_topk",
+    "original_max_position_embeddings", "num_position_embeddings",
+})  # fmt: skip
+_WIDTH_KEYS = frozenset({
+    "hidden_size", "d_model", "intermediate_size", "moe_intermediate_size", "ffn_hidden_size", "ffn_dim",
+    "n_inner", "intermediate_size_mlp", "shared_expert_intermediate_size", "shared_intermediate_size",
+    "dense_intermediate_size", "num_attention_heads", "n_heads", "num_heads", "num_key_value_heads",
+    "kv_n_heads", "multi_query_group_num", "num_global_key_value_heads", "head_dim", "attention_head_dim",
+    "global_head_dim", "kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+    "o_groups", "o_lora_rank", "hc_mult", "index_n_heads", "index_head_dim", "linear_conv_kernel_dim",
+    "linear_key_head_dim", "linear_num_key_heads", "linear_num_value_heads", "linear_value_head_dim",
+    "mamba_d_conv", "mamba_d_state", "mamba_dt_rank", "mamba_expand", "hidden_size_per_layer_input",
+    "compress_rate_csa", "compress_rate_hca", "compressed_sparse_attention", "heavily_compressed_attention",
+    "patch_size", "image_size", "num_channels", "in_channels", "out_hidden_size", "temporal_patch_size",
+    "spatial_merge_size", "position_embedding_size", "projector_input_dim", "projector_output_dim",
+    "vision_output_dim",
+})  # fmt: skip
+_INT_KEY_MAX: dict[str, int] = {
+    **{k: MAX_LAYERS for k in _LAYER_COUNT_KEYS}, **{k: MAX_EXPERTS for k in _EXPERT_COUNT_KEYS},
+    **{k: MAX_POSITIONS for k in _POSITION_KEYS}, **{k: MAX_WIDTH for k in _WIDTH_KEYS},
+    "vocab_size": MAX_VOCAB, "vocab_size_per_layer_input": MAX_VOCAB,
+}
+# Lists of layer indexes or per-layer values: each entry a whole number, at most MAX_LAYERS entries.
+_LAYER_LIST_KEYS = frozenset({"mlp_only_layers", "moe_layers", "no_rope_layers", "compress_ratios",
+                              "deepstack_visual_indexes", "layer_types", "mlp_layer_types", "indexer_types",
+                              "index_topk_pattern"})
+_MAX_CONFIG_NODES = 100_000
+
+
+def check_config_values(raw: Any, label: str) -> None:
+    """Refuse any value of a known key that is not what the key holds, and any number anywhere that
+    no config has (non-finite, or with more digits than any size). Walks text_config/vision_config
+    and every other nested mapping; iterative, so nesting cannot exhaust the stack."""
+    stack: list[tuple[str, Any]] = [("", raw)]
+    seen = 0
+    while stack:
+        key, value = stack.pop()
+        seen += 1
+        if seen > _MAX_CONFIG_NODES:
+            raise ConfigError(f"{label}: more than {_MAX_CONFIG_NODES:,} values; not a model config")
+        name = key.rsplit(".", 1)[-1]
+        if isinstance(value, dict):
+            stack.extend((f"{key}.{k}" if key else str(k), v) for k, v in value.items())
+            continue
+        if isinstance(value, list):
+            if name in _LAYER_LIST_KEYS and len(value) > 4 * MAX_LAYERS:
+                raise ConfigError(f"{label}: '{key}' has {len(value):,} entries; at most {4 * MAX_LAYERS:,}")
+            if name in _INT_KEY_MAX:  # Hunyuan writes per-layer lists of one value
+                stack.extend((key, v) for v in value)
+            else:
+                stack.extend((f"{key}[]", v) for v in value)
+            continue
+        if value is None:
+            continue
+        if name not in _INT_KEY_MAX:
+            _check_number(value, key, label)
+        if name in _BOOL_KEYS:
+            if not isinstance(value, bool):
+                raise ConfigError(f"{label}: '{key}' must be true or false, got {value!r}; fix the config")
+        elif name in _FLOAT_KEYS:
+            lo, hi = _FLOAT_KEYS[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= value <= hi:
+                raise ConfigError(f"{label}: '{key}' must be a number from {lo:g} to {hi:g}, got {value!r}")
+        elif name in _INT_KEY_MAX:
+            if name == "sliding_window" and value is False:
+                continue  # some configs write false for "no window"
+            _whole(value, key, label, 0, _INT_KEY_MAX[name])
+        elif name.endswith("[]") and name[:-2] in _LAYER_LIST_KEYS and not isinstance(value, str):
+            _whole(value, key, label, 0, MAX_POSITIONS)
+
+
+def _check_number(value: Any, key: str, label: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{label}: '{key}' is {value!r}; a config holds finite numbers only")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**18:
+        raise ConfigError(f"{label}: '{key}' is a {len(str(abs(value))):,}-digit number, beyond any size a model has")
+
+
 class _Cfg:
     """Looks up config keys with aliases and records what was missing, for one clear error."""
 
@@ -385,14 +554,18 @@ def _positive_int(value: Any, key: str, label: str) -> int:
     return _whole(value, key, label, 1)
 
 
-def _whole(value: Any, key: str, label: str, minimum: int) -> int:
+def _whole(value: Any, key: str, label: str, minimum: int, maximum: int | None = None) -> int:
     """A count or size read from a config (experts, top-k, first dense layers, widths): a whole
-    number >= minimum; a missing/null value is the caller's default."""
+    number >= minimum and <= maximum (the key's bound in _INT_KEY_MAX by default); a missing/null
+    value is the caller's default."""
     if not _is_whole(value):
-        raise ConfigError(f"{label}: '{key}' must be a whole number, got {value!r}")
+        raise ConfigError(f"{label}: '{key}' must be a whole number, got {value!r:.40}")
     if value < minimum:
         bound = "positive" if minimum == 1 else f"at least {minimum}"
         raise ConfigError(f"{label}: '{key}' must be {bound}, got {value!r}; fix the config")
+    top = maximum if maximum is not None else _INT_KEY_MAX.get(key.rsplit(".", 1)[-1], MAX_POSITIONS)
+    if value > top:
+        raise ConfigError(f"{label}: '{key}' is {int(value):,}; moeplan reads at most {top:,} (no model has more)")
     return int(value)
 
 
@@ -411,13 +584,16 @@ def spec_from_config(
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: config.json must be a JSON object, got {type(raw).__name__}")
     label = f"config for {name}"
+    check_config_values(raw, label)
     model_type = str(raw.get("model_type") or "").lower()
-    text, family, vision, notes = _unwrap(raw, model_type, label)
-    cfg = _Cfg(text, label)
+    cfg = _Cfg(raw, label)
     try:
+        text, family, vision, notes = _unwrap(raw, model_type, label)
+        cfg = _Cfg(text, label)
         fields = _read_common(cfg, family)
-    except (ValueError, TypeError) as exc:
-        # pydantic's ValidationError is a ValueError; int() of a string or list raises either.
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        # pydantic's ValidationError is a ValueError; int() of a string or list raises either; a
+        # zero where a divisor goes (a head count of 0 in a vision_config) is an ArithmeticError.
         detail = first_error(exc) if isinstance(exc, ValueError) else str(exc)
         raise ConfigError(f"{label}: {detail}; fix the config") from None
     except _Missing as missing:
@@ -1050,7 +1226,7 @@ def _wrapped_vision(
                 head_dim=vc.get("head_dim", vc["hidden_size"] // heads), patch_size=vc.get("patch_size", 16),
                 position_embedding_size=vc.get("position_embedding_size", 10 * 1024),
             )  # fmt: skip
-    except (KeyError, ValueError, TypeError) as exc:
+    except (KeyError, ValueError, TypeError, ArithmeticError) as exc:
         detail = first_error(exc) if hasattr(exc, "errors") else str(exc)
-        raise ConfigError(f"{label}: vision_config is incomplete ({detail}); fix the config") from None
+        raise ConfigError(f"{label}: vision_config is incomplete or invalid ({detail}); fix the config") from None
     return None

@@ -23,6 +23,11 @@ gated repo -> 401 without a token, 403 with a token that was not granted access.
 
 Safetensors files are served as their header only (8-byte little-endian length + JSON, per
 https://huggingface.co/docs/safetensors/index#format): readers only ask for ranges inside it.
+
+A repo can also misbehave, file by file (`FakeRepo.misbehave`, see `Misbehave`): drip the body or the
+status line and headers a byte at a time, answer late, ignore Range, stream a huge body generated as
+it is sent (never held in memory), send hostile ETag / X-Repo-Commit values, or redirect elsewhere.
+`hub_server(..., static={path: bytes})` serves plain files at fixed paths, as a CDN a redirect points to.
 """
 
 from __future__ import annotations
@@ -53,9 +58,29 @@ DTYPE_BYTES = {
 Tensors = Mapping[str, tuple[str, Sequence[int]]]
 
 
+@dataclass(frozen=True)
+class Misbehave:
+    """How one file is served wrong; every field off by default."""
+
+    delay_s: float = 0.0  # wait this long before answering
+    drip_s: float = 0.0  # send the body one byte at a time, this many seconds apart
+    drip_head_s: float = 0.0  # send the status line and headers one byte at a time
+    ignore_range: bool = False  # answer 200 with the whole body even when a Range was asked
+    headers: Mapping[str, str | None] = field(default_factory=dict)  # set, or with None drop, response headers
+    redirect: str | None = None  # answer 302 with this Location (absolute, relative, any scheme)
+    length: int | None = None  # a body of this many bytes, made as it is sent: `prefix`, `fill`..., `suffix`
+    prefix: bytes = b""
+    fill: bytes = b" "
+    suffix: bytes = b""
+    send_length: bool = True  # False: no Content-Length; the body ends when the server closes the connection
+
+
 @dataclass
 class FakeRepo:
-    """One model repo. `files` maps a file name to the bytes served (safetensors: header only)."""
+    """One model repo. `files` maps a file name to the bytes served (safetensors: header only).
+
+    `misbehave` maps a file name (or "*" for every file) to how it is served wrong.
+    """
 
     files: dict[str, bytes]
     sha: str = ""  # commit; derived from the files when empty
@@ -64,6 +89,7 @@ class FakeRepo:
     private: bool = False
     tokens: frozenset[str] = frozenset()  # tokens granted access to a gated or private repo
     status: int | None = None  # answer every request for this repo with this status (503: Hub down)
+    misbehave: dict[str, Misbehave] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.sha:
@@ -81,6 +107,7 @@ class Request:
     token: str | None  # the bearer token sent, if any
     status: int
     size: int | None = None  # length of the file served at this path (safetensors: its header)
+    sent: int = 0  # body bytes written before the answer ended or the client hung up
 
     def range_end(self) -> int | None:
         """Last byte asked for by `Range: bytes=a-b`; None without a range."""
@@ -92,7 +119,9 @@ class Request:
 class HubServer:
     endpoint: str
     repos: dict[str, FakeRepo]
+    static: dict[str, bytes] = field(default_factory=dict)  # path -> bytes, served as is (with Range)
     log: list[Request] = field(default_factory=list)
+    stopping: threading.Event = field(default_factory=threading.Event)  # set when the server stops: drips end
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, request: Request) -> None:
@@ -102,6 +131,37 @@ class HubServer:
     def paths(self) -> list[str]:
         with self._lock:
             return [r.path for r in self.log]
+
+    def requests(self) -> list[Request]:
+        with self._lock:
+            return list(self.log)
+
+
+@dataclass(frozen=True)
+class _Body:
+    """A body of `size` bytes: `prefix`, `fill` repeated, `suffix`; made piece by piece as it is sent."""
+
+    prefix: bytes
+    size: int
+    fill: bytes = b" "
+    suffix: bytes = b""
+
+    def pieces(self, start: int, end: int) -> Iterator[bytes]:
+        """Bytes [start, end) in pieces of at most 64 KiB."""
+        pos = start
+        while pos < end:
+            tail = self.size - len(self.suffix)
+            if pos < len(self.prefix):
+                piece = self.prefix[pos : min(end, len(self.prefix), pos + 65536)]
+            elif pos >= tail:
+                piece = self.suffix[pos - tail : end - tail]
+            else:
+                n = min(end, tail) - pos
+                n = min(n, 65536)
+                offset = (pos - len(self.prefix)) % len(self.fill)
+                piece = (self.fill * (n // len(self.fill) + 2))[offset : offset + n]
+            yield piece
+            pos += len(piece)
 
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
@@ -129,11 +189,22 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, *, head: bool) -> None:
         raw_path = urlsplit(self.path).path
         self._size: int | None = None
-        status = self._answer(raw_path, head=head)
-        request = Request(self.command, unquote(raw_path), self.headers.get("Range"), self._token(), status, self._size)
-        self.hub.record(request)
+        self._sent = 0
+        status = 0
+        try:
+            status = self._answer(raw_path, head=head)
+        finally:  # recorded also when the client hung up mid-answer
+            request = Request(
+                self.command, unquote(raw_path), self.headers.get("Range"), self._token(), status, self._size,
+                self._sent,
+            )  # fmt: skip
+            self.hub.record(request)
 
     def _answer(self, raw_path: str, *, head: bool) -> int:
+        if raw_path in self.hub.static:
+            data = self.hub.static[raw_path]
+            self._size = len(data)
+            return self._ranged(_Body(data, len(data)), {"Accept-Ranges": "bytes"}, head=head, how=Misbehave())
         if match := _RESOLVE.match(raw_path):
             return self._resolve(unquote(match["repo"]), unquote(match["rev"]), unquote(match["file"]), head=head)
         if match := _API.match(raw_path):
@@ -163,24 +234,38 @@ class _Handler(BaseHTTPRequestHandler):
             return status or 500
         if revision not in repo.branches and revision != repo.sha:
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", head=head)
-        commit = {"X-Repo-Commit": repo.sha}
-        if filename not in repo.files:
+        how = repo.misbehave.get(filename) or repo.misbehave.get("*") or Misbehave()
+        if how.delay_s and self.hub.stopping.wait(how.delay_s):
+            return 0
+        commit = _apply({"X-Repo-Commit": repo.sha}, how.headers)
+        if how.redirect is not None:
+            return self._send(302, b"", head=head, extra={**commit, "Location": how.redirect}, how=how)
+        if filename not in repo.files and how.length is None:
             return self._error(
                 404, "EntryNotFound", f'{filename} does not exist on "{revision}"', head=head, extra=commit
             )
-        data = repo.files[filename]
-        self._size = len(data)
-        headers = {**commit, "ETag": f'"{hashlib.sha256(data).hexdigest()}"', "Accept-Ranges": "bytes"}
+        data = repo.files.get(filename, b"")
+        body = _Body(data, len(data))
+        if how.length is not None:
+            body = _Body(how.prefix or data, how.length, how.fill, how.suffix)
+        self._size = body.size
+        etag = hashlib.sha256(data + how.prefix).hexdigest()
+        headers = _apply({"X-Repo-Commit": repo.sha, "ETag": f'"{etag}"', "Accept-Ranges": "bytes"}, how.headers)
+        return self._ranged(body, headers, head=head, how=how)
+
+    def _ranged(self, body: _Body, headers: dict[str, str], *, head: bool, how: Misbehave) -> int:
+        """200 with the whole body, or 206 with the slice a `Range: bytes=a-b` asks for."""
         wanted = self.headers.get("Range")
-        if wanted and not head:
+        size = body.size
+        if wanted and not head and not how.ignore_range:
             match = _RANGE.match(wanted.strip())
-            if match is None or int(match[1]) >= len(data):
-                return self._send(416, b"", head=head, extra={**headers, "Content-Range": f"bytes */{len(data)}"})
+            if match is None or int(match[1]) >= size:
+                return self._send(416, b"", head=head, extra={**headers, "Content-Range": f"bytes */{size}"}, how=how)
             start = int(match[1])
-            end = min(int(match[2]) if match[2] else len(data) - 1, len(data) - 1)
-            headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-            return self._send(206, data[start : end + 1], head=head, extra=headers)
-        return self._send(200, data, head=head, extra=headers)
+            end = min(int(match[2]) if match[2] else size - 1, size - 1)
+            headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+            return self._send(206, body, head=head, extra=headers, span=(start, end + 1), how=how)
+        return self._send(200, body, head=head, extra=headers, span=(0, size), how=how)
 
     def _api(self, repo_id: str, revision: str, *, head: bool) -> int:
         repo, status = self._access(repo_id, head=head)
@@ -203,30 +288,74 @@ class _Handler(BaseHTTPRequestHandler):
             headers["X-Error-Code"] = code
         return self._send(status, json.dumps({"error": message}).encode(), head=head, extra=headers)
 
-    def _send(self, status: int, body: bytes, *, head: bool, extra: Mapping[str, str]) -> int:
-        self.send_response(status)
-        for key, value in extra.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if not head:
-            self.wfile.write(body)
+    def _send(
+        self,
+        status: int,
+        body: bytes | _Body,
+        *,
+        head: bool,
+        extra: Mapping[str, str],
+        span: tuple[int, int] | None = None,
+        how: Misbehave | None = None,
+    ) -> int:
+        how = how or Misbehave()
+        if isinstance(body, bytes):
+            body = _Body(body, len(body))
+        start, end = span or (0, body.size)
+        lines = [f"HTTP/1.1 {status} {self.responses.get(status, ('',))[0]}", *(f"{k}: {v}" for k, v in extra.items())]
+        if how.send_length:
+            lines.append(f"Content-Length: {end - start}")
+        else:  # the body ends when the connection does
+            lines.append("Connection: close")
+            self.close_connection = True
+        try:
+            self._write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"), how.drip_head_s, count=False)
+            if not head:
+                for piece in body.pieces(start, end):
+                    self._write(piece, how.drip_s)
+        except OSError:  # the client hung up (or the server is stopping): the answer ends here
+            self.close_connection = True
         return status
+
+    def _write(self, data: bytes, drip_s: float, *, count: bool = True) -> None:
+        if not drip_s:
+            self.wfile.write(data)
+            self._sent += len(data) if count else 0
+            return
+        for i in range(len(data)):
+            self.wfile.write(data[i : i + 1])
+            self._sent += 1 if count else 0
+            if self.hub.stopping.wait(drip_s):
+                raise ConnectionAbortedError("server stopping")
+
+
+def _apply(headers: Mapping[str, str], changes: Mapping[str, str | None]) -> dict[str, str]:
+    """headers with `changes` set (a value) or dropped (None); names compared without case."""
+    out = {k: v for k, v in headers.items() if k.lower() not in {c.lower() for c in changes}}
+    out.update({k: v for k, v in changes.items() if v is not None})
+    return out
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hangs up mid-answer is what several tests do on purpose
 
 
 @contextmanager
-def hub_server(repos: Mapping[str, FakeRepo]) -> Iterator[HubServer]:
+def hub_server(repos: Mapping[str, FakeRepo], static: Mapping[str, bytes] | None = None) -> Iterator[HubServer]:
     """Serve `repos` on a free port of 127.0.0.1 until the block ends; yields endpoint and request log."""
-    hub = HubServer(endpoint="", repos=dict(repos))
+    hub = HubServer(endpoint="", repos=dict(repos), static=dict(static or {}))
     handler = type("Handler", (_Handler,), {"hub": hub})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    server.daemon_threads = True
+    server = _Server(("127.0.0.1", 0), handler)
     hub.endpoint = f"http://127.0.0.1:{server.server_address[1]}"
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield hub
     finally:
+        hub.stopping.set()
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
