@@ -651,28 +651,40 @@ def bench(
     model: str = ModelArg,
     device: str = typer.Option("cuda", "--device", help="cuda, cpu or mps"),
     quant: str = typer.Option("bf16", "--quant", "-q", help="bf16, fp16 or fp32"),
-    batch: int = typer.Option(1, "--batch", "-b"),
+    batch: str | None = typer.Option(None, "--batch", "-b", help="Decode batches to sweep, e.g. 1,8,64,256 "
+                                     "(default 1,8,64,256 on CUDA, 1,8 elsewhere)"),
     context: int = typer.Option(1024, "--context", "-c", parser=_tokens, metavar="TOKENS",
-                                help="KV cache tokens for the decode step (1024, 4k)"),
-    prompt: int | None = typer.Option(None, "--prompt", help="Prefill tokens (default 512 on GPU, 128 on CPU)"),
+                                help="KV cache tokens for the decode steps (1024, 4k)"),
+    prompt: str | None = typer.Option(None, "--prompt", help="Prefill lengths to sweep, e.g. 512,2048 (default "
+                                      "512,2048 on CUDA, 1024,2048 elsewhere)"),
     layers: int = typer.Option(1, "--layers", help="Decoder layers to stack (MoE layers first)"),
+    start_layer: int | None = typer.Option(None, "--start-layer", help="Index of the first layer to build"),
     full: bool = typer.Option(False, "--full", help="Build the whole model when it fits"),
     ep: int = typer.Option(1, "--ep", help="Expert-parallel processes (nccl on GPUs, gloo on CPU)"),
-    save_calibration: bool = typer.Option(False, "--save-calibration", help="Save measured efficiencies"),
+    routing: str = typer.Option("uniform", "--routing", help="uniform (the router's own top-k), zipf:S, or a file "
+                                "of per-layer expert frequencies (JSON or CSV)"),
+    eager: bool = typer.Option(False, "--eager", help="Time without CUDA graphs (launches included)"),
+    repeats: int | None = typer.Option(None, "--repeats", help="Timed runs per point (default 20 on CUDA, 3 "
+                                       "elsewhere)"),
+    save_calibration: bool = typer.Option(False, "--save-calibration", help="Save the calibration fitted over "
+                                          "the sweep, for perf, fit, check and bench"),
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,
 ) -> None:
-    """Build a real MoE layer at the model's true size, measure it, print predicted vs measured.
+    """Build a real MoE layer at the model's true size, sweep batches and prompts, print predicted vs measured.
 
-    Example: moeplan bench mixtral-8x7b --device cuda --batch 8
+    Example: moeplan bench mixtral-8x7b --device cuda --batch 1,8,64
     """
     if device not in ("cuda", "cpu", "mps"):
         raise MoeplanError(f"--device must be cuda, cpu or mps, got '{device}'")
     if quant not in ("bf16", "fp16", "fp32"):
         raise MoeplanError(f"bench runs bf16, fp16 or fp32 weights, got '{quant}'")
-    for name, value in (("--batch", batch), ("--context", context), ("--layers", layers), ("--ep", ep)):
+    for name, value in (("--context", context), ("--layers", layers), ("--ep", ep), ("--repeats", repeats or 1)):
         if value < 1:
             raise MoeplanError(f"{name} must be at least 1, got {value}")
+    from moeplan.bench.run import parse_sizes
+
+    batches, prompts = parse_sizes(batch, "--batch"), parse_sizes(prompt, "--prompt")  # bad lists: exit 2 first
     spec = resolve_model(model, from_hub)
     try:
         from moeplan.bench.run import run_bench
@@ -686,21 +698,26 @@ def bench(
         def on_step(description: str, done: int, total: int) -> None:
             progress.update(task, description=description, completed=done, total=total)
 
-        result = run_bench(spec, device=device, dtype=quant, batch=batch, context=context, prompt=prompt,  # type: ignore[arg-type]
-                           layers=layers, full=full, ep=ep, on_step=on_step)
+        result = run_bench(spec, device=device, dtype=quant, batch=batches, context=context, prompt=prompts,  # type: ignore[arg-type]
+                           layers=layers, full=full, ep=ep, repeats=repeats, eager=eager, routing=routing,
+                           start_layer=start_layer, on_step=on_step)
+    saved = None
     if save_calibration and result.fits:
         from moeplan.bench.run import save_result_calibration
 
-        path = save_result_calibration(result)
-        out.print(f"[dim]calibration saved to {path}[/dim]") if not as_json else None
+        saved = save_result_calibration(result)
     if as_json:
         _print_json(result.model_dump())
     else:
-        from moeplan.report import bench_table
+        from moeplan.bench.table import bench_renderables
 
-        out.print(bench_table(result))
+        for part in bench_renderables(result):
+            out.print(part)
         for note in result.notes:
             out.print(f"[dim]- {escape(note)}[/dim]")
+        if saved is not None:
+            out.print(f"[dim]calibration saved to {escape(str(saved))}: perf, fit, check and bench read it for "
+                      f"{escape(result.gpu)} ({result.dtype})[/dim]")
     raise typer.Exit(EXIT_OK if result.fits else EXIT_MISS)
 
 

@@ -375,39 +375,3 @@ def sweep_chart(res: PerfResult, width: int = 40) -> Table:
         bar = Text("#" * max(1, round(total / top * width)), style=style)
         table.add_row(str(r["batch"]), bar, f"{total:,.0f} / {float(r['decode_tok_per_s']):,.1f} per user")
     return table
-
-
-def bench_table(res: object) -> Table:
-    """Predicted vs measured for `moeplan bench` (a BenchResult; typed loosely so report needs no torch)."""
-    r = res  # BenchResult
-    table = Table(title=f"{escape(r.model)} on {escape(r.device_name)} ({r.device}), {r.dtype}, layers {r.layers}, MoE path "  # type: ignore[attr-defined]
-                  f"{r.path}, batch {r.batch}, context {r.context:,}, prompt {r.prompt:,}", title_justify="left")  # type: ignore[attr-defined]
-    for col in ("figure", "predicted", "measured", "error"):
-        table.add_column(col, justify="left" if col == "figure" else "right")
-    fmt = {"param_bytes": lambda v: f"{v / GiB:,.3f} GiB", "peak_bytes": lambda v: f"{v / GiB:,.3f} GiB",
-           "decode_s": lambda v: f"{v * 1000:,.3f} ms", "prefill_s": lambda v: f"{v * 1000:,.2f} ms"}
-    for key, f in fmt.items():
-        p = getattr(r.predicted, key)  # type: ignore[attr-defined]
-        m = getattr(r.measured, key)  # type: ignore[attr-defined]
-        e = r.errors.get(key)  # type: ignore[attr-defined]
-        table.add_row(key, f(p) if p is not None else "-", f(m) if m is not None else "-",
-                      f"{e:+.1%}" if e is not None else "-")
-    a = r.achieved  # type: ignore[attr-defined]
-    if a is not None:
-        table.add_section()
-        table.add_row("decode bandwidth", "", f"{a.decode_gb_per_s:,.1f} GB/s",
-                      f"{a.decode_fraction_of_peak:.0%} of {a.peak_gb_per_s:,.0f}")
-        table.add_row("prefill compute", "", f"{a.prefill_tflops:,.2f} TFLOP/s",
-                      f"{a.prefill_fraction_of_peak:.0%} of {a.peak_tflops:,.0f}")
-    ep = r.ep  # type: ignore[attr-defined]
-    if ep is not None:
-        table.add_section()
-        ms = lambda v: f"{v * 1000:,.3f} ms" if v is not None else "-"  # noqa: E731
-        for label, pred, meas in (("dispatch", ep.predicted_dispatch_s, ep.dispatch_s),
-                                  ("combine", ep.predicted_combine_s, ep.combine_s)):  # fmt: skip
-            err = f"{meas / pred - 1:+.1%}" if pred else "-"
-            table.add_row(f"EP {label} ({ep.ranks} ranks)", ms(pred), ms(meas), err)
-        table.add_row(f"EP experts ({ep.tokens} tokens)", "", ms(ep.experts_s), "")
-    if not r.fits:  # type: ignore[attr-defined]
-        table.add_row("[red]does not fit[/red]", "", str(r.oom), "")  # type: ignore[attr-defined]
-    return table

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import json
 import sys
-import types
 from typing import Any
 
 import pytest
@@ -210,92 +209,72 @@ def test_two_rank_gloo_expert_parallel_equals_one_process(tokens: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# run_bench: predictions (real moeplan.memory/perf, or a stand-in until they land)
+# run_bench: a sweep on real layers, predicted with moeplan.perf.step_cost
 # ----------------------------------------------------------------------------------------------
 
-
-def _stub_perf() -> types.ModuleType:
-    """A stand-in with the agreed API (Efficiency, predict_layers) until moeplan.perf has it."""
-    perf = types.ModuleType("moeplan.perf")
-
-    class Efficiency:
-        def __init__(self, memory: float = 0.8, compute: float = 0.6) -> None:
-            self.memory, self.compute = memory, compute
-
-    def predict_layers(spec: ModelSpec, gpu: Any, *, layers: tuple[LayerSpec, ...], batch: int, context: int,
-                       prompt: int, dtype_bytes: float, efficiency: Any = None) -> Any:  # fmt: skip
-        eff = efficiency or Efficiency()
-        params = sum(t for layer in layers for t, _ in layer_params(spec, layer).values())
-        flops = 2.0 * batch * prompt * params
-        return types.SimpleNamespace(
-            decode_s=params * dtype_bytes / (gpu.hbm_gb_per_s * 1e9 * eff.memory),
-            prefill_s=flops / (gpu.bf16_tflops * 1e12 * eff.compute), decode_bytes=params * dtype_bytes,
-            decode_flops=2.0 * batch * params, prefill_bytes=params * dtype_bytes, prefill_flops=flops,
-        )  # fmt: skip
-
-    perf.Efficiency, perf.predict_layers = Efficiency, predict_layers  # type: ignore[attr-defined]
-    return perf
-
-
-@pytest.fixture
-def predictions(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The real moeplan.memory and moeplan.perf; perf stubbed while it lacks predict_layers."""
-    perf = importlib.import_module("moeplan.perf")
-    if not hasattr(perf, "predict_layers"):
-        monkeypatch.setitem(sys.modules, "moeplan.perf", _stub_perf())
+# On CPU torch._grouped_mm always runs ATen's per-expert fallback loop (GroupedMMUtils.h).
+CPU_PATH = "grouped_mm/fallback" if GROUPED else "loop"
 
 
 @pytest.mark.parametrize("spec", [TINY, TINY_MLA], ids=lambda s: s.name)
-def test_run_bench_smoke_on_cpu(predictions: None, spec: ModelSpec) -> None:
+def test_run_bench_smoke_on_cpu(spec: ModelSpec) -> None:
     steps: list[tuple[str, int, int]] = []
     result = run_bench(spec, device="cpu", dtype="fp32", batch=2, context=32, prompt=16, layers=2, repeats=2,
                        on_step=lambda d, done, total: steps.append((d, done, total)))  # fmt: skip
     assert result.fits and result.oom is None
-    assert result.path == ("grouped_mm" if GROUPED else "loop")
+    assert result.path == CPU_PATH and result.mode == "eager"
     assert result.measured.param_bytes == result.predicted.param_bytes
     assert result.errors["param_bytes"] == 0
     assert result.measured.decode_s and result.measured.prefill_s and result.measured.peak_bytes
     assert result.achieved is not None and result.achieved.decode_gb_per_s > 0
+    assert result.copy_gb_per_s and result.copy_gb_per_s > 0
     assert all(1 <= n <= 2 * 2 for n in result.achieved.distinct_experts)  # batch 2 x top-2, of 8
+    assert [(p.kind, p.batch, p.tokens) for p in result.points] == [("prefill", 1, 16), ("decode", 2, 1)]
+    for p in result.points:
+        assert p.min_s <= p.q1_s <= p.measured_s <= p.q3_s <= p.max_s and p.repeats == 2
+        assert p.calibrated_s is not None and p.predicted_s > 0
     assert steps[-1][1] == steps[-1][2]  # the progress reaches its total
     dumped = result.model_dump()
     json.dumps(dumped)
     assert set(dumped["predicted"]) == set(dumped["measured"]) == {"param_bytes", "peak_bytes", "decode_s", "prefill_s"}
-    assert {"model", "device", "device_name", "path", "dtype", "layers", "errors", "achieved", "fits"} <= set(dumped)
+    assert {"model", "device", "device_name", "path", "mode", "points", "calibration", "dtype", "layers", "errors",
+            "achieved", "fits", "routing_check", "copy_gb_per_s"} <= set(dumped)  # fmt: skip
 
 
-def test_run_bench_full_model_smoke(predictions: None) -> None:
-    result = run_bench(TINY, device="cpu", dtype="bf16", full=True, context=8, prompt=8, repeats=1)
+def test_run_bench_full_model_smoke() -> None:
+    result = run_bench(TINY, device="cpu", dtype="bf16", full=True, context=8, prompt=8, batch=1, repeats=1)
     assert result.fits and result.layers == [0, 1]
     assert result.measured.param_bytes == (count_params(TINY).total_params) * 2
+    # the lm_head is one more roofline term, without a layer overhead
+    assert all(len(p.at_peak) == 3 for p in result.points)
 
 
-def test_out_of_memory_is_a_result_not_a_crash(predictions: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_out_of_memory_is_a_result_not_a_crash(monkeypatch: pytest.MonkeyPatch) -> None:
     def oom(*args: Any, **kwargs: Any) -> Any:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
     monkeypatch.setattr(harness, "peak_bytes_of", oom)
-    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
+    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, batch=1, repeats=1)
     assert result.fits is False and "out of memory" in (result.oom or "")
     assert result.measured.param_bytes == result.predicted.param_bytes  # the weights did fit
-    assert result.measured.decode_s is None
+    assert result.measured.decode_s is None and result.points == []
 
 
-def test_too_big_for_host_ram_is_not_tried(predictions: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_too_big_for_host_ram_is_not_tried(monkeypatch: pytest.MonkeyPatch) -> None:
     import moeplan.bench.run as bench_run
 
     monkeypatch.setattr(bench_run, "host_memory_bytes", lambda: (2**30, 1024))
-    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
+    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, batch=1, repeats=1)
     assert result.fits is False and (result.oom or "").startswith("not tried")
 
 
-def test_other_errors_are_not_swallowed(predictions: None, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_other_errors_are_not_swallowed(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("shape mismatch")
 
     monkeypatch.setattr(harness, "peak_bytes_of", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
+        run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, batch=1, repeats=1)
 
 
 def test_without_torch_bench_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -305,7 +284,7 @@ def test_without_torch_bench_is_unavailable(monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def test_bench_result_is_the_json_model() -> None:
-    assert "fits" in BenchResult.model_fields and "errors" in BenchResult.model_fields
+    assert {"fits", "errors", "points", "calibration", "mode", "path"} <= set(BenchResult.model_fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,12 +307,16 @@ def test_calibration_round_trip_and_clipping(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path))
     assert calibration.load_calibration("H100", "bf16") is None
     path = calibration.save_calibration("H100", "bf16", 0.71, 0.55, "test")
-    calibration.save_calibration("H100", "fp16", 1.7, 0.01, "test")  # clipped into (0.05, 1.0]
+    calibration.save_calibration("H100", "fp32", 1.7, 0.01, "test")  # clipped into (0.05, 1.0]
     assert path == tmp_path / "calibration.json"
     got = calibration.load_calibration("H100", "bf16")
     assert got is not None and (got["memory"], got["compute"], got["source"]) == (0.71, 0.55, "test") and got["date"]
-    fp16 = calibration.load_calibration("H100", "fp16")
-    assert fp16 is not None and (fp16["memory"], fp16["compute"]) == (1.0, 0.05)
+    fp32 = calibration.load_calibration("H100", "fp32")
+    assert fp32 is not None and (fp32["memory"], fp32["compute"]) == (1.0, 0.05)
+    # fp16 and bf16 are one compute class: a bench run in fp16 is what perf reads for a bf16 or fp16 plan.
+    calibration.save_calibration("H100", "fp16", 0.6, 0.5, "fp16 run")
+    both = calibration.load_calibration("H100", "bf16")
+    assert both is not None and both["source"] == "fp16 run" == calibration.load_calibration("H100", "fp16")["source"]
     assert calibration.efficiency(1.0, 4.0) == 0.25
     with pytest.raises(MoeplanError, match="positive"):
         calibration.efficiency(1.0, 0.0)
@@ -347,16 +330,18 @@ def test_damaged_calibration_file_is_an_empty_cache(monkeypatch: pytest.MonkeyPa
     assert calibration.load_calibration("H100", "bf16") is not None
 
 
-def test_bench_result_calibration_is_saved(predictions: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+def test_bench_result_calibration_is_saved(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
     monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path))
-    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
-    assert result.efficiency is not None
+    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, batch=1, repeats=1)
+    assert result.calibration is not None and result.efficiency is not None
     assert save_result_calibration(result) == tmp_path / "calibration.json"
     saved = calibration.load_calibration(result.gpu, "fp32")
-    assert saved is not None and saved["memory"] == result.efficiency["memory"]
+    assert saved is not None and saved["memory"] == result.calibration.memory
+    assert saved["layer_s"] == result.calibration.layer_s
     perf = importlib.import_module("moeplan.perf")
-    if hasattr(perf, "efficiency_for"):  # the planner picks the measured efficiency up
-        assert perf.efficiency_for(harness.host_gpu(), "fp32").memory == result.efficiency["memory"]
+    eff = perf.efficiency_for(harness.host_gpu(), "fp32")  # the planner picks the measured terms up
+    assert (eff.memory, eff.compute, eff.layer_s) == (result.calibration.memory, result.calibration.compute,
+                                                      result.calibration.layer_s)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -372,45 +357,51 @@ def test_cli_bench_json_and_save_calibration(monkeypatch: pytest.MonkeyPatch, tm
     monkeypatch.setenv("MOEPLAN_CACHE", str(tmp_path / "cache"))
     card = tmp_path / "tiny-moe.yaml"
     card.write_text(yaml.safe_dump({"name": "tiny-moe", "spec": TINY.model_dump(mode="json")}))
-    args = ["bench", str(card), "--device", "cpu", "--quant", "fp32", "--batch", "2", "--context", "32",
-            "--prompt", "16", "--layers", "2"]  # fmt: skip
+    args = ["bench", str(card), "--device", "cpu", "--quant", "fp32", "--batch", "2,4", "--context", "32",
+            "--prompt", "16", "--layers", "2", "--repeats", "2"]  # fmt: skip
     result = CliRunner().invoke(app, [*args, "--json", "--save-calibration"])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
-    assert data["device"] == "cpu" and data["path"] in ("grouped_mm", "bmm", "loop")
+    assert data["device"] == "cpu" and data["path"] == CPU_PATH
     assert set(data["predicted"]) == set(data["measured"]) == {"param_bytes", "peak_bytes", "decode_s", "prefill_s"}
     assert data["measured"]["param_bytes"] == data["predicted"]["param_bytes"]
     saved = json.loads((tmp_path / "cache" / "calibration.json").read_text())
     assert list(saved) == [f"{data['gpu']}|fp32"] and "moeplan bench" in saved[f"{data['gpu']}|fp32"]["source"]
+    assert [p["batch"] for p in data["points"] if p["kind"] == "decode"] == [2, 4]
     table = CliRunner().invoke(app, args)
     assert table.exit_code == 0 and "param_bytes" in table.stdout and "measured" in table.stdout
+    assert f"MoE kernel path: {CPU_PATH}" in table.stdout and "decode b4" in table.stdout
+    assert "calibrated" in table.stdout and "of copy" in table.stdout
     bad = CliRunner().invoke(app, ["bench", str(card), "--device", "tpu"])
     assert bad.exit_code == 2
 
 
 def test_ep_times_carry_the_communication_model_on_a_gpu() -> None:
-    from moeplan.bench.run import EpTimes, _with_comm_model
+    from rich.console import Console
+
+    from moeplan.bench.run import EpTimes, with_comm_model
+    from moeplan.bench.table import bench_renderables
     from moeplan.hardware import parse_gpus
     from moeplan.perf import ep_alltoall_seconds
-    from moeplan.report import bench_table
 
     h100 = parse_gpus("1xH100")[0][0]
-    measured = EpTimes(ranks=8, experts_per_rank=[1] * 8, tokens=64, dispatch_s=1e-4, experts_s=2e-4, combine_s=1e-4,
-                       path="grouped_mm")  # fmt: skip
+    measured = EpTimes(ranks=8, experts_per_rank=[1] * 8, tokens=64, layout_s=1e-4, dispatch_s=1e-4, experts_s=2e-4,
+                       combine_s=1e-4, path="grouped_mm", busiest_assignments=5,
+                       predicted_busiest_assignments=4.2)  # fmt: skip
     notes: list[str] = []
-    got = _with_comm_model(measured, TINY, h100, dtype="bf16", batch=8, notes=notes)
+    got = with_comm_model(measured, TINY, h100, dtype="bf16", batch=8, notes=notes)
     # 8 tokens x top-2 x hidden 64 x 2 bytes per rank, 7/8 of it to peers over NVLink, plus latency.
     want = ep_alltoall_seconds(8 * 2 * 64 * 2, 8, h100)
     assert got.predicted_dispatch_s == got.predicted_combine_s == want
     # NVLink4's measured NCCL all-to-all: a 7.4 us floor and 315 GB/s busBW (moeplan.comm, [aic] H100 data).
     assert want == pytest.approx(7 / 8 * 2048 / 315e9 + 7.4e-6)
     assert notes == []
-    cpu = _with_comm_model(measured, TINY, harness.device_info(torch.device("cpu"))[1], dtype="bf16", batch=8,
-                           notes=notes)  # fmt: skip
+    cpu = with_comm_model(measured, TINY, harness.device_info(torch.device("cpu"))[1], dtype="bf16", batch=8,
+                          notes=notes)  # fmt: skip
     assert cpu.predicted_dispatch_s is None and "measured only" in notes[0]
-    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, repeats=1)
-    from rich.console import Console
-
+    result = run_bench(TINY, device="cpu", dtype="fp32", context=8, prompt=8, batch=1, repeats=1)
     console = Console(width=200, record=True)
-    console.print(bench_table(result.model_copy(update={"ep": got})))
-    assert "EP dispatch (8 ranks)" in console.export_text()
+    for part in bench_renderables(result.model_copy(update={"ep": got})):
+        console.print(part)
+    text = console.export_text()
+    assert "EP dispatch (all-to-all)" in text and "busiest rank's token-expert pairs" in text

@@ -325,16 +325,19 @@ class GatedFFN(nn.Module):
 
 
 def route(logits: Tensor, *, k: int, scoring: str, norm_topk: bool, scale: float,
-          correction: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
+          correction: Tensor | None = None, ids: Tensor | None = None) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Router logits (T, E) -> weights (T, K) fp32 and expert ids (T, K).
 
     softmax (Mixtral, Qwen) or sigmoid (DeepSeek-V3, Llama 4) scores; DeepSeek-V3's noaux_tc adds
     the correction bias for choosing only, and weighs with the unbiased score (tech report 2.1.2).
     Group-limited routing (n_group/topk_group) is left out: it changes which experts, not how many.
+    ids (T, K): a choice made elsewhere (bench's skewed routing); the top-k still runs, so the step
+    runs the same kernels, and the weights are the scores of the given experts.
     """
     scores = logits.float().softmax(dim=-1) if scoring == "softmax" else logits.float().sigmoid()  # (T, E)
     choose = scores + correction.float() if correction is not None else scores
-    ids = choose.topk(k, dim=-1).indices  # (T, K)
+    chosen = choose.topk(k, dim=-1).indices  # (T, K)
+    ids = chosen if ids is None else ids
     weights = scores.gather(-1, ids)  # (T, K)
     if norm_topk:
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -352,9 +355,27 @@ class Router(nn.Module):
             nn.Parameter(torch.zeros(spec.num_experts, device=device, dtype=dtype)) if spec.router_correction_bias else None
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
         return route(self.gate(x), k=self.k, scoring=self.scoring, norm_topk=self.norm_topk, scale=self.scale,
-                     correction=self.e_score_correction_bias)  # fmt: skip
+                     correction=self.e_score_correction_bias, ids=ids)  # fmt: skip
+
+
+def sample_routes(q: Tensor, tokens: int, k: int, generator: torch.Generator | None = None) -> Tensor:
+    """(T, K) expert ids, each token k distinct experts, expert e chosen with probability exactly q[e]
+    (sum q = k, each <= 1: moeplan.routing.pick_probs). Systematic sampling (Madow 1949) over a fresh
+    random order per token, as moeplan.routing.systematic_pick does it in Python, vectorised on the
+    device: with u ~ U(0, 1), expert e is picked when an integer falls in [acc_(e-1) - u, acc_e - u).
+    """
+    n = q.shape[0]
+    dev = q.device
+    order = torch.rand(tokens, n, device=dev, generator=generator).argsort(dim=1)  # (T, E): a random order
+    qo = q.double()[order]  # (T, E)
+    acc = qo.cumsum(dim=1)  # (T, E)
+    u = torch.rand(tokens, 1, device=dev, generator=generator, dtype=torch.float64)  # (T, 1)
+    before = torch.cat([acc.new_zeros(tokens, 1), acc[:, :-1]], dim=1)  # (T, E): acc_(e-1)
+    picked = torch.floor(acc - u) > torch.floor(before - u)  # (T, E): exactly k per row
+    slots = picked.to(torch.float32).topk(k, dim=1).indices  # (T, K) positions in `order`
+    return order.gather(1, slots)  # (T, K) expert ids
 
 
 class RoutedExperts(nn.Module):
@@ -421,6 +442,14 @@ def pick_path(x: Tensor, experts: RoutedExperts) -> str:
     return "loop"
 
 
+def expert_counts(flat_ids: Tensor, num_experts: int) -> Tensor:
+    """Token copies per expert, (E) int64, computed on the device. NOTE: not torch.bincount, whose
+    CUDA kernel reads the input's max back to the host to size its output (a sync that also breaks
+    CUDA-graph capture); scatter_add_ into a fixed-size vector needs none."""
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat_ids.device)
+    return counts.scatter_add_(0, flat_ids, torch.ones_like(flat_ids))
+
+
 def experts_forward(x: Tensor, weights: Tensor, ids: Tensor, experts: RoutedExperts,
                     path: str | None = None) -> tuple[Tensor, Tensor, str]:  # fmt: skip
     """Routed experts the way fast engines run them: sort token copies by expert, one grouped GEMM
@@ -436,7 +465,7 @@ def experts_forward(x: Tensor, weights: Tensor, ids: Tensor, experts: RoutedExpe
     order = flat.argsort(stable=True)  # (T*K): slots grouped by expert
     token_of = order // k  # (T*K): the source token of each sorted slot
     sorted_ids = flat[order]  # (T*K)
-    counts = torch.bincount(flat, minlength=n_experts)  # (E)
+    counts = expert_counts(flat, n_experts)  # (E), on the device: no host sync
     xs = x.index_select(0, token_of)  # (T*K, H)
     if path == "grouped_mm":
         offs = counts.cumsum(0).to(torch.int32)  # (E): end row of each expert's block, no host sync
@@ -500,10 +529,25 @@ class MoEBlock(nn.Module):
         self.path: str | None = None  # None: pick per call; set "grouped_mm"/"loop" to force
         self.last_path = ""
         self.last_counts: Tensor | None = None  # tokens per expert of the last call, (E)
+        # Skewed routing (bench --routing): each expert's pick probability (E), and the ids drawn
+        # from it for the next step's tokens, (T, K); None: the router's own top-k.
+        self.route_q: Tensor | None = None
+        self.fixed_ids: Tensor | None = None
+
+    def draw_routes(self, tokens: int, generator: torch.Generator | None = None) -> None:
+        """Draw the ids the next call of `tokens` tokens routes to, from route_q (outside any timed
+        region: the step then replays the same routing, and its bytes are exactly known)."""
+        if self.route_q is not None:
+            self.fixed_ids = sample_routes(self.route_q, tokens, self.router.k, generator)
 
     def routed(self, x: Tensor) -> Tensor:
         """Routed experts only, x (T, H) -> (T, H) (what expert parallel splits across ranks)."""
-        weights, ids = self.router(x)  # (T, K) x2
+        fixed = self.fixed_ids
+        if fixed is None and self.route_q is not None:
+            fixed = sample_routes(self.route_q, x.shape[0], self.router.k)
+        elif fixed is not None and fixed.shape[0] != x.shape[0]:
+            raise ValueError(f"routes drawn for {fixed.shape[0]} tokens, the step has {x.shape[0]}")
+        weights, ids = self.router(x, fixed)  # (T, K) x2
         out, self.last_counts, self.last_path = experts_forward(x, weights, ids, self.experts, self.path)
         return out
 
