@@ -51,24 +51,24 @@ def best(args: tuple[str, ...]) -> tuple[dict[str, Any], dict[str, Any], dict[st
     return plan, plan["offload"], plan["speed"]
 
 
-def cache_table() -> str:
-    rows = ["| GPU cache slots per layer | hit rate | mean ms/token | p99 ms/token | command |", "|---|---|---|---|---|"]
-    for slots in CACHE_SLOTS:
-        args = (*BASE, "--expert-cache", str(slots))
+def _cache_rows(header: str, cases: list[tuple[str, tuple[str, ...]]]) -> str:
+    """One row per case: the cached engine's hit rate, mean and p99 per token, and the command."""
+    rows = [f"| {header} | mean ms/token | p99 ms/token | command |", "|---|---|---|---|---|"]
+    for label, args in cases:
         _, _, sp = best(args)
-        rows.append(f"| {slots} | {sp['cache_hit_rate']:.0%} | {_ms(sp['cache_tpot_s'])} | "
+        rows.append(f"| {label} | {sp['cache_hit_rate']:.0%} | {_ms(sp['cache_tpot_s'])} | "
                     f"{_ms(sp['cache_p99_tpot_s'])} | {command(args)} |")
     return "\n".join(rows)
+
+
+def cache_table() -> str:
+    return _cache_rows("GPU cache slots per layer | hit rate",
+                       [(str(n), (*BASE, "--expert-cache", str(n))) for n in CACHE_SLOTS])
 
 
 def locality_table() -> str:
-    rows = ["| routing locality | hit rate (2 slots) | mean ms/token | p99 ms/token | command |", "|---|---|---|---|---|"]
-    for loc in LOCALITIES:
-        args = (*BASE, "--expert-cache", "2", "--locality", f"{loc:g}")
-        _, _, sp = best(args)
-        rows.append(f"| {loc:g} | {sp['cache_hit_rate']:.0%} | {_ms(sp['cache_tpot_s'])} | "
-                    f"{_ms(sp['cache_p99_tpot_s'])} | {command(args)} |")
-    return "\n".join(rows)
+    return _cache_rows("routing locality | hit rate (2 slots)",
+                       [(f"{x:g}", (*BASE, "--expert-cache", "2", "--locality", f"{x:g}")) for x in LOCALITIES])
 
 
 def tier_table() -> str:
