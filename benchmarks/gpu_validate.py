@@ -191,7 +191,11 @@ def main(argv: list[str] | None = None) -> int:
     runs = run_cases(DRY_CASES if dry else GPU_CASES, device=device, dtype=dtype,
                      repeats=args.repeats or (3 if dry else None), dry=dry)  # fmt: skip
     points = fit_points(runs)
-    fitted = next(r for c, r in runs if c.in_fit and r.fits)
+    fitted = next((r for c, r in runs if c.in_fit and r.fits), None)
+    if fitted is None:
+        print("error: no fitting case fit on this device (nothing to calibrate); free GPU memory or "
+              "edit GPU_CASES", file=sys.stderr)
+        return 1
     prior = fitted.calibration
     assumed = bool(prior and prior.peaks_assumed)
     before = planner_efficiency(device_gpu(device), dtype, fitted.mode)

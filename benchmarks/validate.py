@@ -35,16 +35,21 @@ from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
+import sys
 
 import yaml
 
-from moeplan.hardware import Gpu, parse_gpus
-from moeplan.layout import Layout, Scenario, even_stages
-from moeplan.perf import ERROR_BANDS, StepCost, band_key, step_cost
-from moeplan.plan import Plan, evaluate
-from moeplan.quant import QuantScheme, get_scheme
-from moeplan.sources import resolve
-from moeplan.spec import ModelSpec
+# This checkout's moeplan, whatever is installed (`python benchmarks/validate.py` puts only benchmarks/
+# on sys.path).
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from moeplan.hardware import Gpu, parse_gpus  # noqa: E402
+from moeplan.layout import Layout, Scenario, even_stages  # noqa: E402
+from moeplan.perf import ERROR_BANDS, StepCost, band_key, step_cost  # noqa: E402
+from moeplan.plan import Plan, evaluate  # noqa: E402
+from moeplan.quant import QuantScheme, get_scheme  # noqa: E402
+from moeplan.sources import resolve  # noqa: E402
+from moeplan.spec import ModelSpec  # noqa: E402
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 FIT_FIXTURE = FIXTURES / "published_throughput.yaml"

@@ -241,7 +241,7 @@ def _read(path: Path) -> dict[str, Any]:
 
 def save_calibration(gpu_name: str, dtype: str, memory_eff: float, compute_eff: float, source: str, *,
                      layer_s: float | None = None, step_s: float | None = None,
-                     peaks_assumed: bool = False) -> Path:  # fmt: skip
+                     peaks_assumed: bool = False, mode: str | None = None) -> Path:  # fmt: skip
     """Record (or replace) the efficiencies of one GPU and dtype, and, when measured, the per-layer and
     per-step overheads (seconds) that replace the engine's defaults. peaks_assumed: the device's peaks
     are moeplan's assumption (the host CPU), so efficiencies above 1 are kept. Returns the file written."""
@@ -255,6 +255,8 @@ def save_calibration(gpu_name: str, dtype: str, memory_eff: float, compute_eff: 
         "source": source,
         "date": datetime.now(timezone.utc).date().isoformat(),
     }
+    if mode is not None:  # cuda-graph | eager: the overheads measured hold for that launch mode only
+        entry["mode"] = mode
     for name, value in (("layer_s", layer_s), ("step_s", step_s)):
         if value is not None:
             if not math.isfinite(value) or value < 0 or value > MAX_LAYER_S:
@@ -284,6 +286,8 @@ def load_calibration(gpu_name: str, dtype: str) -> dict[str, Any] | None:
             "source": str(entry.get("source", "")),
             "date": str(entry.get("date", "")),
         }
+        if entry.get("mode") in ("cuda-graph", "eager"):
+            out["mode"] = entry["mode"]
         for name in ("layer_s", "step_s"):
             if entry.get(name) is not None:
                 value = float(entry[name])

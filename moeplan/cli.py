@@ -322,7 +322,7 @@ def _request(tp: int | None, ep: int | None, pp: int | None, dp_attention: bool)
 
 def _offload_options(cpu_bw: str | None, disk_bw: float | None, locality: float | None,
                      expert_cache: int | None, n_cpu_moe: int | None = None) -> Any:
-    from moeplan.offload import DEFAULT_LOCALITY, disk_bandwidth, ram_bandwidth
+    from moeplan.offload import disk_bandwidth, ram_bandwidth
     from moeplan.plan import OffloadOptions
 
     if locality is not None and not 0 <= locality <= 1:
@@ -332,7 +332,7 @@ def _offload_options(cpu_bw: str | None, disk_bw: float | None, locality: float 
     if n_cpu_moe is not None and n_cpu_moe < 1:
         raise MoeplanError(f"--n-cpu-moe must be at least 1 layer, got {n_cpu_moe}")
     return OffloadOptions(host_gb_per_s=ram_bandwidth(cpu_bw), disk_gb_per_s=disk_bandwidth(disk_bw),
-                          locality=DEFAULT_LOCALITY if locality is None else locality, cache_slots=expert_cache,
+                          locality=locality, cache_slots=expert_cache,
                           cpu_moe_layers=n_cpu_moe)
 
 
@@ -386,7 +386,7 @@ def fit_cmd(
                                           "default 0.34, measured for Mixtral-8x7B."),
     expert_cache: int | None = typer.Option(None, "--expert-cache", help="GPU expert-cache slots per layer for the "
                                             "cached-offload figures (default: what the GPUs have left)."),
-    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Offload the experts of this many MoE layers, as "
+    n_cpu_moe: int | None = typer.Option(None, "--n-cpu-moe", help="Keep the experts of blocks 0..N-1 in RAM, as "
                                          "llama.cpp --n-cpu-moe N (default: the fewest that fit)."),
     as_json: bool = JsonOpt,
     from_hub: bool = FromHubOpt,

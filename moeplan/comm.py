@@ -8,10 +8,9 @@ algorithm the engine may use at that size:
 - two-shot (reduce-scatter + all-gather inside the custom kernel, up to 8 MiB):
   t = lat + 2 (g - 1) / g n / B2;
 - NCCL (ring / tree / NVLS): t = lat_nccl(g) + 2 (g - 1) / g n / busBW(g), nccl-tests' busBW;
-- all-gather and all-to-all: t = lat + (g - 1) / g n / busBW.
-Between nodes the NIC's share is NCCL's hierarchical form: the inter-node part moves over one NIC
-per GPU (NDR 400G: 46-48 GB/s measured, NVIDIA/nccl-tests#290; HDR 200G: ~24 GB/s, nccl-tests#160),
-the latency floor ~20-48 us (nccl-tests#150, NVIDIA/nccl#1244).
+- all-to-all: t = lat + (g - 1) / g n / busBW.
+When an all-to-all spans nodes, the inter-node share moves over one NIC per GPU (NDR 400G:
+46-48 GB/s measured, NVIDIA/nccl-tests#290; HDR 200G: ~24 GB/s, nccl-tests#160), the latency floor ~20-48 us (nccl-tests#150, NVIDIA/nccl#1244).
 
 Latencies are CUDA-graph figures; an engine without graphs adds its launch cost per collective
 (moeplan.engines).
@@ -93,6 +92,13 @@ LINKS: dict[str, LinkClass] = {
         source="[aic] L40S (PCIe Gen4) TP2: NCCL AR 7.7 us, busBW 20 GB/s; vLLM custom AR 5.2 us, 60 us at 1 MiB; "
                "4/8-GPU busBW held at the 2-GPU figure (aic's 4/8-GPU L40S rows look topology-degraded)",
     ),
+    "PCIe3": LinkClass(
+        name="PCIe3", nccl_lat_us={2: 8.5, 4: 13.0, 8: 24.0}, nccl_busbw={2: 10, 4: 10, 8: 10},
+        custom_lat_us=6.0, oneshot_gb_per_s=9.5, twoshot_lat_us=8.0, twoshot_gb_per_s=9.5, custom_max_gpus=2,
+        a2a_lat_us=8.0, a2a_busbw=10,
+        source="assumed (no measured Gen3 figures found): PCIe4's floors, busBW halved with the link (PCIe 3.0 x16 "
+               "is 15.75 GB/s per direction, 4.0 x16 31.5; PCI-SIG)",
+    ),
     "InfinityFabric": LinkClass(
         name="InfinityFabric", nccl_lat_us={2: 10.0, 4: 14.0, 8: 20.0}, nccl_busbw={2: 300, 4: 300, 8: 300},
         custom_lat_us=6.0, oneshot_gb_per_s=200, twoshot_lat_us=9.0, twoshot_gb_per_s=200,
@@ -124,13 +130,6 @@ def allreduce_s(nbytes: float, g: int, link: LinkClass, *, custom: bool = True) 
     return best
 
 
-def allgather_s(nbytes_total: float, g: int, link: LinkClass) -> float:
-    """All-gather of `nbytes_total` (the gathered size) over `g` GPUs of one node."""
-    if g <= 1:
-        return 0.0
-    return link.a2a_lat_us * US + (g - 1) / g * nbytes_total / (link.a2a_busbw * GB)
-
-
 def alltoall_s(nbytes: float, ranks: int, per_node: int, link: LinkClass | None) -> float:
     """An all-to-all where one rank sends (or receives) `nbytes`, spread evenly over `ranks` ranks that
     may span nodes of `per_node` GPUs: the same-node share over the link and the rest over the NIC at
@@ -145,12 +144,3 @@ def alltoall_s(nbytes: float, ranks: int, per_node: int, link: LinkClass | None)
         return lat + intra
     inter = (ranks - local) / ranks * nbytes / (NIC["gb_per_s"] * GB)
     return max(intra, inter) + NIC["lat_us"] * US
-
-
-def internode_allreduce_s(nbytes: float, g: int, per_node: int, link: LinkClass | None) -> float:
-    """A hierarchical all-reduce over nodes: within each node, then the inter-node ring over the NICs
-    (each GPU drives its own NIC, so the node's share moves at one NIC's rate per GPU)."""
-    nodes = max(g // max(per_node, 1), 1)
-    inside = allreduce_s(nbytes, min(g, per_node), link, custom=False) if link else 0.0
-    across = NIC["lat_us"] * US + 2 * (nodes - 1) / nodes * nbytes / per_node / (NIC["gb_per_s"] * GB)
-    return inside + across

@@ -77,23 +77,6 @@ def parse_price(text: str | None) -> Price | None:
     return Price(by_gpu=by_gpu, text=text)
 
 
-class Cost(BaseModel):
-    model_config = ConfigDict(frozen=True)
-    usd_per_hour: float
-    usd_per_million_output_tokens: float
-    usd_per_million_input_tokens: float
-    output_tok_per_s: float  # the load the figures are at
-    batch: int
-
-
-def cost(price: Price, gpus: tuple[Gpu, ...], *, output_tok_per_s: float, prefill_tok_per_s: float,
-         batch: int) -> Cost:
-    hourly = price.per_hour(gpus)
-    return Cost(usd_per_hour=hourly, usd_per_million_output_tokens=per_million(hourly, output_tok_per_s),
-                usd_per_million_input_tokens=per_million(hourly, prefill_tok_per_s), output_tok_per_s=output_tok_per_s,
-                batch=batch)
-
-
 def per_million(usd_per_hour: float, tok_per_s: float) -> float:
     """USD per million tokens when a deployment costing `usd_per_hour` produces `tok_per_s`."""
     if tok_per_s <= 0:

@@ -3,8 +3,8 @@
 overhead(step) = fixed per step (scheduling, sampling, output processing) + a floor per decoder
 layer (the layer's 10-30 kernels each take a few microseconds even when their data is tiny) + a
 launch cost per collective when the engine runs without CUDA graphs. Figures and their sources:
-- vLLM V1 and SGLang with CUDA graphs: ~0.3 ms per step fixed. vLLM's full CUDA graphs took 0.5 ms
-  off piecewise ones at Llama-8B's 7.6 ms TPOT (vllm-project/vllm#16072); SGLang's overlap scheduler
+- vLLM V1 and SGLang with CUDA graphs: ~0.3 ms per step fixed (assumed: no published figure isolates
+  it; these bound it). vLLM's full CUDA graphs took 0.5 ms off piecewise ones at Llama-8B's 7.6 ms TPOT (vllm-project/vllm#16072); SGLang's overlap scheduler
   hides its CPU work ("no single idle time on the GPU", SGLang v0.4 blog). 30 us per layer, the
   floor moeplan has charged since issue 5 (an estimate: 10-20 kernels of 1.5-3 us each under graphs).
 - Without CUDA graphs (vLLM --enforce-eager, SGLang --disable-cuda-graph): +69 us per layer
@@ -38,7 +38,7 @@ class EngineOverhead(BaseModel):
 _GRAPH_LAYER_S = 30e-6
 _EAGER_LAYER_S = 69e-6  # SGLang#1401
 _LLAMACPP_EAGER_LAYER_S = 27e-6  # llama.cpp#6763
-_STEP_S = 0.3e-3
+_STEP_S = 0.3e-3  # assumed, see the docstring
 
 ENGINES: dict[tuple[str, bool], EngineOverhead] = {
     ("vllm", True): EngineOverhead(name="vllm", cuda_graphs=True, step_s=_STEP_S, layer_s=_GRAPH_LAYER_S,

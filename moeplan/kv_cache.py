@@ -327,7 +327,7 @@ def attention_flops(spec: ModelSpec, layer: LayerSpec, tokens: int, context: int
             index = 2.0 * tokens * ix.n_heads * ix.head_dim * (context // layer.compress_ratio)
         return 4.0 * tokens * heads * spec.head_dim * rows + index
     window = layer.window if layer.mixer in ("sliding", "chunked") else None
-    keys = min(context, window) if window else context
+    keys = causal_keys(tokens, context, window)
     if spec.attention == "mla" and spec.mla is not None:
         m = spec.mla
         index = 0.0
@@ -335,5 +335,21 @@ def attention_flops(spec: ModelSpec, layer: LayerSpec, tokens: int, context: int
             if layer.indexer:
                 index = 2.0 * tokens * spec.indexer.n_heads * spec.indexer.head_dim * keys
             keys = min(keys, spec.indexer.topk)
+        if tokens > 1:  # prefill runs per-head attention (FlashMLA / vLLM MLA prefill): q.k over nope+rope, then V
+            return 2.0 * tokens * heads * keys * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim) + index
         return 2.0 * tokens * heads * keys * (2 * m.kv_lora_rank + m.qk_rope_head_dim) + index
     return 4.0 * tokens * heads * (layer.head_dim or spec.head_dim) * keys
+
+
+def causal_keys(tokens: int, context: int, window: int | None = None) -> float:
+    """Keys each of `tokens` new queries scores, on average, when they are the last `tokens` of
+    `context` (causal: query at position p sees min(p, window) keys). Decode (tokens = 1) sees them all."""
+    first = max(context - tokens + 1, 1)
+    last = context
+    if tokens <= 1 or last <= first:
+        return float(min(context, window) if window else context)
+    if window is None or window >= last:
+        return (first + last) / 2
+    below = max(0, min(window, last) - first + 1)  # positions first..window see p keys
+    below_sum = below * (first + first + below - 1) / 2 if below else 0.0
+    return (below_sum + (last - first + 1 - below) * window) / (last - first + 1)

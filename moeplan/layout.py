@@ -352,7 +352,7 @@ def uneven_stages(
 
 def layer_bytes_one_stage(spec: ModelSpec, scheme: QuantScheme, layout: Layout, sc: Scenario) -> int:
     """Decoder-layer weights plus KV on the busiest GPU if all layers sat in one stage."""
-    local = expert_share(spec.num_experts, layout.ep, 0) if layout.ep > 1 else spec.num_experts
+    local = local_experts(spec, layout, 0, sc)  # EPLB replicas included, as the even split counts them
     weights = stage_weights(spec, scheme, layout, 0, local)
     layer_w = sum(v for k, v in weights.items() if k not in (EMBEDDING, LM_HEAD, VISION, PER_LAYER_EMBEDDING))
     return layer_w + stage_kv_bytes(spec, layout, 0, sc.context, sc.batch, sc.kv_dtype)

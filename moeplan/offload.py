@@ -14,8 +14,8 @@ a layer is used again by the next token; its excess over what popularity alone g
 served by the previous token's experts, which an LRU cache of S >= k slots still holds.
 
 Misses per token are a sum of independent Bernoullis (offloaded layers x k picks, each missing with
-1 - hit), so the p99 token waits for mean + 2.326 sd misses (normal approximation, at least one more
-than the mean when misses are possible).
+1 - hit), so the p99 token waits for mean + 2.326 sd misses (normal approximation; when that is less
+than one miss above the mean, the mean rounded up to a whole miss).
 """
 
 from __future__ import annotations
@@ -107,6 +107,13 @@ def che_hit_rate(shares: Sequence[float], slots: float) -> float:
     return sum(x * (1 - math.exp(-x * hi)) for x in r)
 
 
+def independent_reuse(num_experts: int, top_k: int, probs: Sequence[float] | None = None) -> float:
+    """P(an expert a token uses is used by the next token) if tokens routed independently with these
+    shares: sum_e share_e x q_e (k / E under uniform routing). Measured locality is at least this."""
+    q = pick_probs(probs, num_experts, top_k)
+    return sum(x * x for x in q) / top_k
+
+
 def hit_rate(num_experts: int, top_k: int, slots: int, locality: float,
              probs: Sequence[float] | None = None) -> float:
     """A pick's chance to find its expert in an LRU cache of `slots` experts of its layer."""
@@ -114,13 +121,18 @@ def hit_rate(num_experts: int, top_k: int, slots: int, locality: float,
         raise MoeplanError(f"--locality must be between 0 and 1, got {locality}")
     if slots <= 0:
         return 0.0
+    if slots >= num_experts:
+        return 1.0  # every expert of the layer is on the GPU
     q = pick_probs(probs, num_experts, top_k)
-    base = sum(x * x for x in q) / top_k  # reuse popularity alone gives: sum_e share_e x q_e
+    base = independent_reuse(num_experts, top_k, probs)
     che = che_hit_rate(q, slots)
     if locality < base:
-        # Consecutive tokens avoid each other's experts more than popularity predicts: fewer hits, in
-        # proportion (with S = k slots under uniform routing the cache then hits exactly `locality`).
-        return che * locality / base
+        # Consecutive tokens avoid each other's experts more than popularity predicts: fewer hits. With
+        # S = k slots (the previous token's experts) the cache hits che x locality / base, `locality`
+        # exactly under uniform routing; the penalty fades as the cache grows beyond them (a cache of
+        # every expert hits whatever the routing).
+        r = locality / base
+        return che * (r + (1 - r) * max(0, slots - top_k) / max(num_experts - top_k, 1))
     excess = (locality - base) / (1 - base) if base < 1 else 0.0
     held = min(1.0, slots / top_k)  # the previous token's experts the cache still holds
     return min(1.0, excess * held + (1 - excess * held) * che)
@@ -151,8 +163,8 @@ def offload_speed(
     if 0 < mean_misses and p99_misses < mean_misses + 1 and picks > mean_misses:
         p99_misses = min(picks, math.ceil(mean_misses + 1e-9))
     # Each pick costs 0 (hit), ram_miss or disk_miss; the token is the sum of `picks` such draws, so its
-    # p99 is mean + z sd of that sum (normal approximation), and at least one more RAM miss than the
-    # mean when a miss can happen, at most every pick missing to the slowest tier.
+    # p99 is mean + z sd of that sum (normal approximation), at least the whole-miss count above, at
+    # most every pick missing to the slowest tier.
     e1 = (1 - h) * miss_s
     e2 = (1 - h) * (in_ram * ram_miss**2 + (1 - in_ram) * disk_miss**2)
     extra_sd = math.sqrt(max(0.0, picks * (e2 - e1 * e1)))

@@ -18,7 +18,7 @@ tokens x k x hidden x bytes x (ep-1)/ep per rank, each way: bf16 both ways, or f
 one fp32 scale per 128 values) and bf16 combine when the experts compute in fp8. When EP spans
 nodes, the share bound for peers on the same node goes over NVLink while the rest goes over the
 NIC at the same time. Pipeline sends tokens x hidden x 2 bytes between stages. Links from the
-catalog: NVLink or PCIe inside a node, 50 GB/s between nodes.
+catalog: NVLink or PCIe inside a node, one NDR 400G NIC (46 GB/s, moeplan.comm.NIC) between nodes.
 """
 
 from __future__ import annotations
@@ -40,20 +40,14 @@ from moeplan.params import (
 )  # fmt: skip
 from moeplan.plan import Plan, Speed, layout_of
 from moeplan.quant import QuantScheme, kv_dtype_bytes
-from moeplan.offload import offload_speed
+from moeplan.offload import independent_reuse, offload_speed
 from moeplan.routing import Routing, drop_fraction, rank_load
 from moeplan.spec import LayerSpec, ModelSpec
 
-# A floor per decoder layer per step: even under CUDA graphs a MoE layer runs 10-20 kernels
-# (norms, projections, rotary, attention, router, top-k, grouped GEMMs, combine) of a few
-# microseconds each; 30 us per layer is the launch/sync floor we charge (an estimate, not fitted;
-# docs/validation.md compares the resulting TPOT with SGLang's published DeepSeek-R1 figures on 8xH200).
-LAYER_FLOOR_S = 30e-6
-
-
 class Efficiency(BaseModel):
-    """Fractions of peak reached in practice. Defaults: memory 0.80, as aiconfigurator derates HBM
-    bandwidth ([aic] systems/*.yaml, mem_bw x 0.8); compute 0.60, the large-GEMM efficiency vLLM and
+    """Fractions of peak reached in practice. Memory: per engine class, fitted on the validation
+    fitting set (ENGINE_MEMORY_EFFICIENCY below); 0.80 here, aiconfigurator's HBM derate ([aic]
+    systems/*.yaml, mem_bw x 0.8), only where no class applies. Compute 0.60, the large-GEMM efficiency vLLM and
     SGLang prefill reach on H100 (MFU reports of 50-70% for bf16 GEMMs; aiconfigurator's measured
     GEMM tables). Replaced by `moeplan bench --save-calibration` when a calibration exists."""
 
@@ -92,7 +86,7 @@ def distinct_experts_per_rank(num_experts: int, top_k: int, tokens: float, ep: i
 #   on experts kept in RAM (--n-cpu-moe), on the two offload rows (ollama#1556; llmfit PR#755).
 # aiconfigurator's 0.80 bandwidth derate ([aic] systems/*.yaml) stays the figure for anything else.
 ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "llama.cpp": 0.636,
-                                              "llama.cpp cpu experts": 0.493}
+                                              "llama.cpp cpu experts": 0.447}
 EFFICIENCY_FIT_ROWS = {
     "gpu serving": ("inferencex-c8-tpot", "inferencex-c16-tpot", "inferencex-c32-tpot", "inferencex-c64-tpot"),
     "llama.cpp": ("m2max-q2_k", "m2max-q3_k_m", "m2max-q4_k_m", "m2max-q4_0", "m2max-q5_k_m", "m2max-q6_k",
@@ -113,17 +107,26 @@ def default_efficiency(engine: str | None = None) -> Efficiency:
         "(published GEMM MFU)"))
 
 
-def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, engine: str | None = None) -> Efficiency:
+def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, engine: str | None = None,
+                   cuda_graphs: bool | None = None) -> Efficiency:
+    """A saved calibration for this device and dtype, else the engine class's defaults. A calibration
+    measures torch kernels, so a llama.cpp plan keeps llama.cpp's fitted efficiency; its per-layer and
+    per-step overheads hold only for the launch mode they were timed in (CUDA graphs or eager)."""
     if override is not None:
         return override
+    if engine_class(engine) == "llama.cpp":
+        return default_efficiency(engine)
     try:
         from moeplan.calibration import load_calibration
     except ImportError:  # pragma: no cover - calibration ships with the package
         return default_efficiency(engine)
     cal = load_calibration(gpu.name, dtype)
     if cal:
-        return Efficiency(memory=cal["memory"], compute=cal["compute"], layer_s=cal.get("layer_s"),
-                          step_s=cal.get("step_s"),
+        mode = cal.get("mode")
+        same_mode = mode is None or cuda_graphs is None or (mode == "cuda-graph") == cuda_graphs or gpu.vendor == "cpu"
+        return Efficiency(memory=cal["memory"], compute=cal["compute"],
+                          layer_s=cal.get("layer_s") if same_mode else None,
+                          step_s=cal.get("step_s") if same_mode else None,
                           source=f"calibration from moeplan bench ({cal.get('source', '')}, {cal.get('date', '')})")
     return default_efficiency(engine)
 
@@ -174,8 +177,10 @@ def step_cost(
     cuda_graphs: bool = True,
     probs: Sequence[float] | None = None,
     redundant: int = 0,
+    host_gb_per_s: float = HOST_RAM_GB_PER_S,
 ) -> StepCost:
     """One forward step: `batch` sequences each adding `tokens_per_seq` tokens on `context` cached.
+    `host_gb_per_s`: what the CPU reaches on experts kept in host memory (the `offloaded` layers).
 
     Decode: tokens_per_seq = 1. Prefill of S tokens: tokens_per_seq = S, context = S. Under expert
     parallelism the step waits for the busiest rank (moeplan.routing); `probs` gives each expert's
@@ -184,7 +189,7 @@ def step_cost(
     tp = 1 if layout.dp_attention else layout.tp
     gpu = min(gpus, key=lambda x: x.hbm_gb_per_s)
     engine = engine or default_engine(scheme, layout)
-    eff = efficiency_for(gpu, scheme.compute if scheme.compute != "fp32" else "fp32", efficiency, engine)
+    eff = efficiency_for(gpu, scheme.compute if scheme.compute != "fp32" else "fp32", efficiency, engine, cuda_graphs)
     peak = gpu.bf16_tflops
     if scheme.compute == "fp8" and gpu.fp8_tflops:
         peak = gpu.fp8_tflops
@@ -276,7 +281,7 @@ def step_cost(
                 t_comm += ep_alltoall_moved(ep_moved * 2, layout.ep, per_node, link) + eng.collective_s  # combine
             per = max(t_c, t_m) + t_comm + eng.layer_s
             if off and layer.ffn == "moe":
-                per += off / times * _offload_time(spec, scheme, touched, gpu, tokens)
+                per += off / times * _offload_time(spec, scheme, touched, gpu, tokens, host_gb_per_s)
                 b_off = touched * one_expert * scheme.bits_for(ROUTED_EXPERTS) / 8
                 # the GPU no longer reads those experts itself
                 per -= off / times * min(t_m, b_off / bw)
@@ -317,14 +322,21 @@ def default_engine(scheme: QuantScheme, layout: Layout) -> str:
     return "sglang" if layout.dp_attention else "vllm"
 
 
-def _offload_time(spec: ModelSpec, scheme: QuantScheme, touched: float, gpu: Gpu, tokens: int) -> float:
-    """One offloaded layer's routed experts: run on the CPU from RAM, or streamed over PCIe to the
-    GPU; the faster of the two (llama.cpp runs them on the CPU; streaming wins for large batches)."""
+def _offload_time(spec: ModelSpec, scheme: QuantScheme, touched: float, gpu: Gpu, tokens: int,
+                  host_gb_per_s: float = HOST_RAM_GB_PER_S) -> float:
+    """One offloaded layer's routed experts: run on the CPU from RAM, or, for a batch of at least
+    OP_OFFLOAD_MIN_TOKENS tokens, streamed over PCIe to the GPU when that is faster (llama.cpp's op
+    offload: ggml-cuda offloads an op on host weights only from 32 tokens up, so decode stays on the CPU)."""
     nbytes = touched * expert_params(spec) * scheme.bits_for(ROUTED_EXPERTS) / 8
     flops = 2 * tokens * spec.experts_per_token * expert_params(spec)
-    on_cpu = max(nbytes / (HOST_RAM_GB_PER_S * 1e9), flops / (HOST_TFLOPS * 1e12))
-    streamed = nbytes / (gpu.pcie_gb_per_s * 1e9)
-    return min(on_cpu, streamed)
+    on_cpu = max(nbytes / (host_gb_per_s * 1e9), flops / (HOST_TFLOPS * 1e12))
+    if tokens < OP_OFFLOAD_MIN_TOKENS:
+        return on_cpu
+    return min(on_cpu, nbytes / (gpu.pcie_gb_per_s * 1e9))
+
+
+# ggml-cuda ggml_backend_cuda_device_offload_op: min_batch_size = 32 (llama.cpp --no-op-offload turns it off).
+OP_OFFLOAD_MIN_TOKENS = 32
 
 
 # Error bands: the lowest and highest speed ratio (predicted / published speed) of the fitting set's
@@ -333,8 +345,8 @@ def _offload_time(spec: ModelSpec, scheme: QuantScheme, touched: float, gpu: Gpu
 # [S / highest, S / lowest]; a printed time T carries [T x lowest, T x highest]. Keys with fewer than
 # three fitting rows use "any", the whole fitting set's range.
 ERROR_BANDS: dict[str, tuple[float, float]] = {
-    "gpu serving, batch 1-4": (0.81, 1.78), "gpu serving, batch > 4": (0.59, 1.15),
-    "llama.cpp, batch 1-4": (0.80, 1.34), "llama.cpp, offload": (0.96, 1.04), "any": (0.59, 1.78),
+    "gpu serving, batch 1-4": (0.81, 1.79), "gpu serving, batch > 4": (0.62, 1.15),
+    "llama.cpp, batch 1-4": (0.80, 1.34), "llama.cpp, offload": (0.92, 1.09), "any": (0.62, 1.79),
 }
 BAND_ROWS: dict[str, int] = {"gpu serving, batch 1-4": 2, "gpu serving, batch > 4": 16, "llama.cpp, batch 1-4": 7,
                              "llama.cpp, offload": 2, "any": 27}
@@ -423,11 +435,16 @@ def speed(
     engine = plan.engine
     off = frozenset(plan.offload.offloaded_layer_ids) if plan.offload else frozenset()
     graphs = sc.cuda_graphs if not scheme.gguf else True  # llama.cpp captures CUDA graphs by default
+    # Experts in host memory run at what llama.cpp's CPU kernels reach of the plan's RAM bandwidth:
+    # the same figure for decode, prefill and capacity (moeplan.offload prices the disk tier on top).
+    cpu_eff = ENGINE_MEMORY_EFFICIENCY["llama.cpp cpu experts"]
+    host = plan.offload.host_gb_per_s * cpu_eff if plan.offload else HOST_RAM_GB_PER_S
 
     def step(tokens_per_seq: int, batch: int, context: int) -> StepCost:
         return step_cost(spec, scheme, layout, gpus, tokens_per_seq=tokens_per_seq, batch=batch, context=context,
                          kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, offloaded=off, engine=engine,
-                         cuda_graphs=graphs, probs=probs, redundant=sc.redundant_experts if layout.ep > 1 else 0)
+                         cuda_graphs=graphs, probs=probs, redundant=sc.redundant_experts if layout.ep > 1 else 0,
+                         host_gb_per_s=host)
 
     dec = step(1, sc.batch, sc.context)
     s = prompt or min(sc.context, 1024)
@@ -435,24 +452,28 @@ def speed(
     tpot = dec.seconds
     offload_fields: dict[str, float] = {}
     if plan.offload is not None and spec.is_moe:
-        # Decode with experts in host memory: the step as if every expert were on the GPU, plus each
-        # offloaded expert the batch touches served from RAM (or disk) (moeplan.offload).
+        # llama.cpp (--n-cpu-moe): `dec` already runs the offloaded layers' experts on the CPU from RAM;
+        # moeplan.offload adds what the disk tier costs when RAM holds only part of them, and the p99.
         o = plan.offload
         resident = step_cost(spec, scheme, layout, gpus, tokens_per_seq=1, batch=sc.batch, context=sc.context,
                              kv_dtype=sc.kv_dtype, nodes=nodes, efficiency=efficiency, engine=engine, probs=probs)
-        k_eff = max(1, round(resident.distinct_experts))  # experts a layer's step touches
-        common = dict(base_tpot_s=resident.seconds, offloaded_layers=o.cpu_moe_layers, num_experts=spec.num_experts,
-                      top_k=min(k_eff, spec.num_experts), expert_bytes=o.expert_bytes, locality=o.locality,
-                      pcie_gb_per_s=min(g.pcie_gb_per_s for g in gpus), host_gb_per_s=o.host_gb_per_s,
-                      disk_gb_per_s=o.disk_gb_per_s, ram_share=o.ram_share, probs=probs)
-        bare = offload_speed(slots=0, cpu_efficiency=ENGINE_MEMORY_EFFICIENCY["llama.cpp cpu experts"],
-                             **common)  # type: ignore[arg-type]
-        # The cache engine keeps every MoE layer's experts in host memory, o.cache_slots of them per layer
-        # on the GPU.
-        cached = offload_speed(slots=o.cache_slots, **{**common, "offloaded_layers": o.moe_layers})  # type: ignore[arg-type]
-        tpot = bare.mean_tpot_s
-        offload_fields = {"offload_p99_tpot_s": bare.p99_tpot_s, "cache_hit_rate": cached.hit_rate,
-                          "cache_tpot_s": cached.mean_tpot_s, "cache_p99_tpot_s": cached.p99_tpot_s}
+        k_eff = min(max(1, round(resident.distinct_experts)), spec.num_experts)  # experts a layer's step touches
+        locality = o.locality if o.locality_given else max(o.locality, independent_reuse(spec.num_experts, k_eff,
+                                                                                         probs))
+        common = dict(base_tpot_s=0.0, offloaded_layers=o.cpu_moe_layers, num_experts=spec.num_experts, top_k=k_eff,
+                      expert_bytes=o.expert_bytes, locality=locality, pcie_gb_per_s=min(g.pcie_gb_per_s for g in gpus),
+                      host_gb_per_s=o.host_gb_per_s, disk_gb_per_s=o.disk_gb_per_s, probs=probs)
+        tiers = offload_speed(slots=0, cpu_efficiency=cpu_eff, ram_share=o.ram_share, **common)  # type: ignore[arg-type]
+        in_ram = offload_speed(slots=0, cpu_efficiency=cpu_eff, ram_share=1.0, **common)  # type: ignore[arg-type]
+        tpot = dec.seconds + tiers.mean_tpot_s - in_ram.mean_tpot_s
+        # The cache engine keeps every MoE layer's experts in host memory (RAM first, then disk),
+        # o.cache_slots of them per layer on the GPU; hits are GPU reads (`resident`).
+        every = o.moe_layers * spec.num_experts * o.expert_bytes
+        cached = offload_speed(slots=o.cache_slots, ram_share=min(1.0, o.cpu_budget_bytes / max(every, 1)),
+                               **{**common, "base_tpot_s": resident.seconds, "offloaded_layers": o.moe_layers})  # type: ignore[arg-type]
+        offload_fields = {"offload_p99_tpot_s": tpot + tiers.p99_tpot_s - tiers.mean_tpot_s,
+                          "cache_hit_rate": cached.hit_rate, "cache_tpot_s": cached.mean_tpot_s,
+                          "cache_p99_tpot_s": cached.p99_tpot_s}
     cap = min(max(plan.max_batch, sc.batch), max_num_seqs(engine, gpus)) if plan.max_batch else sc.batch
     cap_s = tpot if cap == sc.batch else step(1, cap, sc.context).seconds
     lo, hi, regime = error_band(engine, sc.batch, offload=plan.offload is not None)

@@ -40,7 +40,7 @@ class OffloadOptions(BaseModel):
     model_config = ConfigDict(frozen=True)
     host_gb_per_s: float = RAM_GB_PER_S[DEFAULT_RAM]
     disk_gb_per_s: float = DISK_GB_PER_S
-    locality: float = DEFAULT_LOCALITY
+    locality: float | None = None  # None: Mixtral's measured 0.34, or the routing's independent reuse if higher
     cache_slots: int | None = None
     cpu_moe_layers: int | None = None  # llama.cpp --n-cpu-moe as the user runs it (None: the fewest that fit)
 
@@ -62,6 +62,7 @@ class Offload(BaseModel):
     host_gb_per_s: float = RAM_GB_PER_S[DEFAULT_RAM]
     disk_gb_per_s: float = DISK_GB_PER_S
     locality: float = DEFAULT_LOCALITY
+    locality_given: bool = False  # --locality given: used as it is, even below the routing's independent reuse
     cache_slots: int = 0  # experts per offloaded layer an engine with a GPU expert cache would keep
     expert_bytes: int = 0
 
@@ -622,11 +623,14 @@ def plan_offloads(
             else:
                 lo = mid + 1
         if opts.cpu_moe_layers is not None:
-            if opts.cpu_moe_layers > len(moe_ids):
-                raise MoeplanError(f"--n-cpu-moe {opts.cpu_moe_layers}: {spec.name} has {len(moe_ids)} MoE layers")
-            if opts.cpu_moe_layers < lo:
-                continue  # too few layers on the CPU for this type: its GPU share does not fit
-            lo = max(opts.cpu_moe_layers, 1)
+            # llama.cpp's --n-cpu-moe N counts blocks: the experts of blocks 0..N-1, so leading dense
+            # blocks count too; `lo` counts MoE layers.
+            if opts.cpu_moe_layers > spec.num_layers:
+                raise MoeplanError(f"--n-cpu-moe {opts.cpu_moe_layers}: {spec.name} has {spec.num_layers} blocks")
+            wanted = sum(1 for i in moe_ids if i < opts.cpu_moe_layers)
+            if wanted < lo or wanted == 0:
+                continue  # too few experts on the CPU for this type: its GPU share does not fit
+            lo = wanted
         result = attempt(lo)
         if result is None or lo == 0:
             continue  # lo == 0 would mean it fits without offload: the normal search covers that
@@ -653,7 +657,8 @@ def plan_offloads(
                           gpu_layers=split, offloaded_layer_ids=tuple(moe_ids[:lo]),
                           tier="ram" if ram_share >= 1 else "disk", ram_share=ram_share,
                           host_gb_per_s=opts.host_gb_per_s, disk_gb_per_s=opts.disk_gb_per_s,
-                          locality=opts.locality, cache_slots=int(slots), expert_bytes=one_expert)
+                          locality=DEFAULT_LOCALITY if opts.locality is None else opts.locality,
+                          locality_given=opts.locality is not None, cache_slots=int(slots), expert_bytes=one_expert)
         plans.append(Plan(
             quant=scheme.name, layout=f"llama.cpp layer split over {len(gpus)} GPU(s) + CPU experts", tp=1, ep=1,
             pp=layout.pp, dp_attention=False, stage_layers=split, fits=True, per_gpu=rows, overflow=None,

@@ -326,3 +326,37 @@ def test_check_accepts_gpt_oss_mxfp4_offload(tmp_path):
     result = json.loads(res.stdout)[0]
     assert result["fits"] == "offload" and result["plan"]["quant"] == "mxfp4_moe"
     assert "MXFP4_MOE.gguf" in result["command"] and "--n-cpu-moe" in result["command"]
+
+
+def test_hit_rate_edges():
+    # A cache holding every expert hits whatever the locality; with no cache nothing hits.
+    assert hit_rate(8, 2, 8, 0.0) == 1.0 == hit_rate(8, 2, 9, 0.1)
+    assert hit_rate(8, 2, 0, 0.9) == 0.0
+    # Below the independent reuse (k/E = 0.25), a cache of k slots hits exactly `locality` under uniform
+    # routing, and the penalty fades as the cache grows.
+    assert hit_rate(8, 2, 2, 0.1) == pytest.approx(0.1, abs=0.01)
+    assert hit_rate(8, 2, 2, 0.1) < hit_rate(8, 2, 5, 0.1) < hit_rate(8, 2, 7, 0.1) < 1.0
+
+
+def test_skewed_routing_does_not_lower_the_default_cache_hit_rate():
+    # Without --locality, a skewed router's own independent reuse is the floor: skew only helps a cache.
+    base = ["fit", "mixtral-8x7b", "--gpus", "1xRTX4090", "--quant", "q4_k_m", "--cpu-mem", "64GB", "--json"]
+    rates = [json.loads(runner.invoke(app, [*base, *extra]).stdout)["best"]["speed"]["cache_hit_rate"]
+             for extra in ([], ["--routing", "zipf:1.0"], ["--routing", "zipf:1.5"])]
+    assert rates[0] <= rates[1] <= rates[2]
+
+
+def test_every_catalog_link_has_a_collective_model():
+    from moeplan.comm import link_for
+    from moeplan.hardware import CATALOG
+
+    assert all(link_for(g.link) is not None for g in CATALOG if not g.unified_memory)
+
+
+def test_offload_decode_follows_the_ram_bandwidth_and_batch_one_stays_on_the_cpu():
+    base = ["fit", "qwen3-30b-a3b", "--gpus", "1xRTX2080", "--quant", "q4_k_m", "--cpu-mem", "62GB", "--json"]
+    tpot = {bw: json.loads(runner.invoke(app, [*base, "--cpu-bw", bw]).stdout)["best"]["speed"]["tpot_s"]
+            for bw in ("40", "80", "160")}
+    # CPU-bound at batch 1 (llama.cpp offloads ops to the GPU only from 32 tokens): more RAM bandwidth, faster,
+    # even where PCIe 3.0 (12.5 GB/s) would be slower still.
+    assert tpot["40"] > tpot["80"] > tpot["160"]

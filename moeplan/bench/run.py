@@ -743,4 +743,4 @@ def save_result_calibration(result: BenchResult) -> Path | None:
               f"sweep {sweep}; fitted {', '.join(measured + ['layer_s']) or 'layer_s'}"
               + (f"; kept {', '.join(kept)}" if kept else ""))  # fmt: skip
     return save_calibration(result.gpu, result.dtype, cal.memory, cal.compute, source, layer_s=cal.layer_s,
-                            peaks_assumed=cal.peaks_assumed)  # fmt: skip
+                            peaks_assumed=cal.peaks_assumed, mode=cal.mode)  # fmt: skip
