@@ -74,7 +74,7 @@ def efficiency(predicted_at_peak_s: float, measured_s: float, upper: float = MAX
 class FitPoint(BaseModel):
     """One measured step and the planner's terms for it at 100% of the peaks."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     measured_s: float
     # (compute_s, memory_s) at peak per term: one per decoder layer (and the lm_head of a full model)
     terms: tuple[tuple[float, float], ...]
@@ -85,7 +85,7 @@ class FitPoint(BaseModel):
 class CalibrationFit(BaseModel):
     """The fitted terms, which points informed them, and how well the fitted model predicts the points."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     memory: float
     compute: float
     layer_s: float

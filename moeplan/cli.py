@@ -210,9 +210,8 @@ def params(model: str = ModelArg, as_json: bool = JsonOpt, from_hub: bool = From
     """
     from moeplan.params import count_params
     from moeplan.report import params_notes, params_table
-    from moeplan.sources import resolve
 
-    spec = resolve(model, from_hub=from_hub)
+    spec = resolve_model(model, from_hub)
     count = count_params(spec)
     stored = spec.checkpoint
     if as_json:
@@ -442,7 +441,7 @@ def fit_cmd(
         if res.plans:
             out.print(responsive(plans_table(res), drop=("engine", "TTFT ms", "tok/s total", "max batch")))
         if res.best is not None:
-            out.print(memory_bars(res.best))
+            out.print(memory_bars(res.best, out.width))
         for note in res.notes:
             out.print(f"[dim]- {escape(note)}[/dim]")
         if command:
@@ -539,7 +538,7 @@ def perf(
     if sweep:
         out.print(responsive(sweep_table(rep), drop=("dense TPOT ms", "GB read/step", "bound", "tok/s/seq",
                                                       "distinct experts/layer")))
-        out.print(sweep_chart(rep))
+        out.print(sweep_chart(rep, out.width))
     for note in rep.notes:
         out.print(f"[dim]- {escape(note)}[/dim]")
 
@@ -856,7 +855,16 @@ def output_schema(kind: str) -> dict[str, Any]:
 def resolve_model(model: str, from_hub: bool = False) -> Any:
     from moeplan.sources import resolve
 
-    return resolve(model, from_hub=from_hub)
+    spec = resolve(model, from_hub=from_hub)
+    # A config read from a local cache because the Hub was not asked or not reached: the checkpoint's
+    # notes say so when cached headers were used; otherwise nothing in the output would.
+    hub = sys.modules.get("moeplan.hub")  # not imported: the model did not come from the Hub
+    if hub is not None and spec.checkpoint is None and hub.FROM_CACHE in (spec.source or ""):
+        from moeplan.escape import printable
+
+        sys.stderr.write(f"note: {printable(spec.source)}; no safetensors headers cached, so sizes are counted "
+                         "from the config\n")
+    return spec
 
 
 def main() -> None:

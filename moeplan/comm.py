@@ -28,7 +28,7 @@ KiB, MiB = 2**10, 2**20
 class LinkClass(BaseModel):
     """Measured collective constants for GPUs of one interconnect (per GPU, one direction)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     # NCCL all-reduce latency floor by group size (us) and large-message busBW (GB/s).
     nccl_lat_us: dict[int, float]

@@ -27,7 +27,7 @@ from moeplan.spec import ModelSpec
 
 
 class CompareRow(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     model: str
     kind: str  # "MoE k/E" or "dense"
     total_params: int
@@ -57,7 +57,7 @@ class CompareRow(BaseModel):
 class CompareResult(BaseModel):
     """`model_dump()` is exactly `moeplan compare --json`."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     gpus: str
     context: int
     batch: int

@@ -25,7 +25,7 @@ MAX_PRICE = 10_000.0  # USD per GPU-hour; anything above is a typo
 class Price(BaseModel):
     """USD per GPU-hour: one figure for every GPU, or one per catalog name."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     every: float | None = None
     by_gpu: dict[str, float] = {}
     text: str = ""

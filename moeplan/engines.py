@@ -26,7 +26,7 @@ from moeplan.errors import MoeplanError
 
 
 class EngineOverhead(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     cuda_graphs: bool
     step_s: float  # fixed per step

@@ -22,7 +22,7 @@ GB = 10**9
 
 
 class Gpu(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str
     aliases: tuple[str, ...] = ()

@@ -140,6 +140,11 @@ def parse_model_id(model: str) -> tuple[str, str]:
     return repo_id, revision or DEFAULT_REVISION
 
 
+# Marks a spec whose config.json came from a local cache: `ModelSpec.source` says so, and the CLI says
+# it on stderr when no cached headers note does it in the output (moeplan.cli.resolve_model).
+FROM_CACHE = " from the local cache"
+
+
 def spec_from_hub(model: str) -> ModelSpec:
     """The ModelSpec of a Hub model, with `checkpoint` filled from its safetensors headers when it has any."""
     return _load(model)[0]
@@ -757,7 +762,7 @@ def _fetched(
     if commit and commit != revision:
         source += f" (commit {commit[:12]})"
     if why:
-        source += f" from the local cache ({why})"
+        source += f"{FROM_CACHE} ({why})"
     return _Fetched(
         repo_id=repo_id, revision=revision, raw=raw, config_sha256=hashlib.sha256(data).hexdigest(), commit=commit,
         online=online, why_cached=why, source=source,

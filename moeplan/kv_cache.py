@@ -30,7 +30,7 @@ Kind = Literal["grows", "window", "state"]
 
 
 class CacheTerm(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str  # what it is, as the memory breakdown prints it
     elements: int  # values per row
     dtype_bytes: float | None = None  # None: the KV cache dtype; else this state's own element size
@@ -163,7 +163,7 @@ def _compressed_terms(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheTerm, ...
 class CacheBytes(BaseModel):
     """Bytes for `batch` sequences of `context` tokens over some layers, by kind and by term."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     grows: int  # rows that grow with context
     window: int  # rows capped at a window or chunk
     state: int  # fixed per-sequence state

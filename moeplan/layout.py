@@ -40,7 +40,7 @@ from moeplan.spec import LayerSpec, ModelSpec
 
 
 class Layout(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     tp: int  # GPUs per stage that split attention (1 under DP attention)
     ep: int  # GPUs per stage that split the routed experts (1 = experts tensor-sliced over tp)
     pp: int  # pipeline stages
@@ -58,7 +58,7 @@ class Layout(BaseModel):
 
 
 class GpuUse(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     index: int  # first GPU index this row stands for
     count: int = 1  # identical GPUs this row stands for
@@ -140,7 +140,7 @@ def stage_bounds(stage_layers: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 class Scenario(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     context: int
     batch: int
     kv_dtype: str = "bf16"

@@ -38,7 +38,7 @@ _DENSE_ACT_COEFF = 14  # llm-d Llama-8B: 4.76 GiB peak less its logits
 
 
 class Weights(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     by_component: dict[str, int]
     total: int

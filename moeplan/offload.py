@@ -48,7 +48,7 @@ P99_Z = 2.326
 
 
 class OffloadSpeed(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     cache_slots: int  # experts per offloaded layer kept on the GPU
     hit_rate: float
     locality: float

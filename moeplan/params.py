@@ -39,7 +39,7 @@ COMPONENTS = (
 
 
 class Component(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     total: int
     active: int
@@ -48,7 +48,7 @@ class Component(BaseModel):
 class ParamCount(BaseModel):
     """`model_dump()` of this is exactly `moeplan params --json`."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     model: str
     hub_id: str | None
     total_params: int

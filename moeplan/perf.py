@@ -51,7 +51,7 @@ class Efficiency(BaseModel):
     SGLang prefill reach on H100 (MFU reports of 50-70% for bf16 GEMMs; aiconfigurator's measured
     GEMM tables). Replaced by `moeplan bench --save-calibration` when a calibration exists."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     memory: float = 0.80
     compute: float = 0.60
     # Measured overheads (a calibration's intercepts): when set they replace the engine's per-layer
@@ -132,7 +132,7 @@ def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, eng
 
 
 class StepCost(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     seconds: float
     compute_s: float
     memory_s: float

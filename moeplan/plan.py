@@ -37,7 +37,7 @@ class OffloadOptions(BaseModel):
     """Host-side settings of an offload plan (moeplan.offload): RAM and disk bandwidth, routing locality,
     and a fixed number of GPU cache slots per offloaded layer (None: what the GPUs have left)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     host_gb_per_s: float = RAM_GB_PER_S[DEFAULT_RAM]
     disk_gb_per_s: float = DISK_GB_PER_S
     locality: float | None = None  # None: Mixtral's measured 0.34, or the routing's independent reuse if higher
@@ -49,7 +49,7 @@ class Offload(BaseModel):
     """Routed experts of the first `cpu_moe_layers` MoE layers kept in host memory (llama.cpp
     --n-cpu-moe), RAM first and disk (mmap) for what RAM cannot hold."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     engine: str = "llama.cpp"
     cpu_moe_layers: int
     moe_layers: int
@@ -68,7 +68,7 @@ class Offload(BaseModel):
 
 
 class Speed(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     decode_tok_per_s: float
     decode_tok_per_s_total: float
     prefill_tok_per_s: float
@@ -105,7 +105,7 @@ class Speed(BaseModel):
 
 
 class Plan(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     layout: str
     tp: int
@@ -222,7 +222,7 @@ def check_request(spec: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, req: Layou
 
 
 class QuantVerdict(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     fits: bool
     weights_bytes: int
@@ -232,7 +232,7 @@ class QuantVerdict(BaseModel):
 class FitResult(BaseModel):
     """`model_dump()` is exactly `moeplan fit --json`."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     model: str
     gpus: str
     num_gpus: int

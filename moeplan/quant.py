@@ -51,7 +51,7 @@ def ggml_bpw(type_name: str) -> float:
 
 
 class QuantScheme(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str
     description: str

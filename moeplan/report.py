@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from rich.markup import escape
@@ -246,28 +246,41 @@ def plans_table(res: FitResult) -> Table:
     return table
 
 
-def memory_bars(plan: Plan, width: int = 40) -> Table:
-    """One bar per GPU: weights, KV, activations, overhead, free (of the engine's budget)."""
+def _bar_width(term_width: int | None, *cells: Sequence[str], widest: int = 40) -> int:
+    """How wide a bar can be beside columns holding `cells` (each kept whole) in `term_width` columns:
+    at most `widest`, at least 8; box-less rich tables pad every column with one space each side."""
+    if term_width is None:
+        return widest
+    fixed = sum(max((len(c) for c in col), default=0) for col in cells) + 2 * (len(cells) + 1)
+    return max(8, min(widest, term_width - fixed))
+
+
+def memory_bars(plan: Plan, width: int | None = None) -> Table:
+    """One bar per GPU: weights, KV, activations, overhead, free (of the engine's budget); `width`, the
+    terminal's, narrows the bars so the numbers beside them stay whole."""
     state = any(row.state_bytes for row in plan.per_gpu)
     table = Table(title=f"per-GPU memory, {plan.quant} {plan.layout} "
                   "([blue]w[/blue]eights [magenta]k[/magenta]v " + ("[cyan]s[/cyan]tate " if state else "")
                   + "[yellow]a[/yellow]ct [red]o[/red]verhead "
                   "[dim].[/dim] free; GiB of budget)", title_justify="left", show_header=False, box=None)
     table.add_column("gpu")
-    table.add_column("bar")
-    table.add_column("use", justify="right")
-    for row in plan.per_gpu[:16]:
-        scale = width / max(row.budget_bytes, row.used_bytes, 1)
+    table.add_column("bar", no_wrap=True)
+    table.add_column("use", justify="right", no_wrap=True)
+    rows = plan.per_gpu[:16]
+    labels = [f"GPU {row.index} {row.name}" + (f" (x{row.count})" if row.count > 1 else "") for row in rows]
+    uses = [f"{row.used_bytes / GiB:,.1f}/{row.budget_bytes / GiB:,.1f}" + ("" if row.fits else " OVER")
+            for row in rows]
+    bar_width = _bar_width(width, labels, uses)
+    for row, label, use in zip(rows, labels, uses):
+        scale = bar_width / max(row.budget_bytes, row.used_bytes, 1)
         parts = [("w", row.weights_bytes, "blue"), ("k", row.kv_bytes - row.state_bytes, "magenta"),
                  ("s", row.state_bytes, "cyan"), ("a", row.activation_bytes, "yellow"),
                  ("o", row.overhead_bytes, "red")]
         bar = Text()
         for ch, n, style in parts:
             bar.append(ch * round(n * scale), style=style)
-        bar.append("." * max(0, width - len(bar.plain)), style="dim")
-        label = f"GPU {row.index} {row.name}" + (f" (x{row.count})" if row.count > 1 else "")
-        over = "" if row.fits else " [red]OVER[/red]"
-        table.add_row(escape(label), bar, f"{row.used_bytes / GiB:,.1f}/{row.budget_bytes / GiB:,.1f}{over}")
+        bar.append("." * max(0, bar_width - len(bar.plain)), style="dim")
+        table.add_row(escape(label), bar, use.replace(" OVER", " [red]OVER[/red]"))
     if len(plan.per_gpu) > 16:
         table.add_row("...", f"{len(plan.per_gpu) - 16} more rows in --json", "")
     return table
@@ -361,17 +374,22 @@ def compare_table(res: CompareResult) -> Table:
     return table
 
 
-def sweep_chart(res: PerfResult, width: int = 40) -> Table:
-    """The sweep as a compact chart: one bar of total tok/s per batch, per-user tok/s beside it."""
+def sweep_chart(res: PerfResult, width: int | None = None) -> Table:
+    """The sweep as a compact chart: one bar of total tok/s per batch, per-user tok/s beside it; `width`,
+    the terminal's, narrows the bars so the numbers beside them stay whole."""
     table = Table(title="tok/s total by batch (bar) and per user (right); dim: does not fit", title_justify="left",
                   show_header=False, box=None)
-    table.add_column("batch", justify="right")
-    table.add_column("bar")
-    table.add_column("tok/s", justify="right")
+    table.add_column("batch", justify="right", no_wrap=True)
+    table.add_column("bar", no_wrap=True)
+    table.add_column("tok/s", justify="right", no_wrap=True)
     top = max((float(r["decode_tok_per_s_total"]) for r in res.sweep), default=1.0) or 1.0
-    for r in res.sweep:
+    batches = [str(r["batch"]) for r in res.sweep]
+    speeds = [f"{float(r['decode_tok_per_s_total']):,.0f} / {float(r['decode_tok_per_s']):,.1f} per user"
+              for r in res.sweep]
+    bar_width = _bar_width(width, batches, speeds)
+    for r, batch, speed in zip(res.sweep, batches, speeds):
         total = float(r["decode_tok_per_s_total"])
         style = "cyan" if r["fits"] == "yes" else "dim"
-        bar = Text("#" * max(1, round(total / top * width)), style=style)
-        table.add_row(str(r["batch"]), bar, f"{total:,.0f} / {float(r['decode_tok_per_s']):,.1f} per user")
+        bar = Text("#" * max(1, round(total / top * bar_width)), style=style)
+        table.add_row(batch, bar, speed)
     return table

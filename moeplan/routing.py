@@ -37,7 +37,7 @@ _SAMPLES = 400
 class RankLoad(BaseModel):
     """Expected per-rank figures for one MoE layer and one step of T tokens over R ranks."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     distinct_total: float  # distinct experts the batch touches, over all ranks
     distinct_mean: float  # per rank, averaged over ranks
     distinct_max: float  # on the busiest rank (what its weight reads wait for)

@@ -39,7 +39,7 @@ class _Frozen(BaseModel):
     # strict: a card's `spec:` is user input too; "64" is not 64 and "false" is not a bool. No
     # infinities or NaN in any float; every whole number bounded (the fit search and the arithmetic
     # stay finite).
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, defer_build=True)
     _counted: ClassVar[bool] = False
 
     @model_validator(mode="before")

@@ -13,7 +13,8 @@ import copy
 from collections.abc import Iterable, Sequence
 
 from rich.console import Console, ConsoleOptions, RenderResult
-from rich.table import Table
+from rich.segment import Segment
+from rich.table import Column, Table
 from rich.text import Text
 
 
@@ -28,48 +29,58 @@ class Responsive:
         for col in table.columns:
             if col.justify == "right":
                 col.no_wrap = True  # numbers stay whole
+        need = {id(col): _least_column_width(table, col) for col in table.columns}
         dropped: list[str] = []
+        lines = _render_whole(console, options, table, need)
         for name in self.drop:
-            if not _cuts(console, options, table):
+            if lines is not None:
                 break
             headers = [str(c.header) for c in table.columns]
             if name in headers:
                 table.columns.pop(headers.index(name))
                 dropped.append(name)
-        if _cuts(console, options, table):
+                lines = _render_whole(console, options, table, need)
+        if lines is None:
             for col in table.columns:  # last resort: whole numbers folded onto two lines, never "…"
                 col.no_wrap = False
                 col.overflow = "fold"
-        yield table
+            yield table
+        else:  # the lines just checked are the table: rendering it again would double the cost
+            for line in lines:
+                yield from line
+                yield Segment.line()
         if dropped:
             yield Text(f"(at {width} columns: {', '.join(dropped)} left out; widen the terminal or use --json)",
                        style="dim")
 
 
-def _cuts(console: Console, options: ConsoleOptions, table: Table) -> bool:
-    """Would rich cut a cell at this width? Either the table's least width (every number whole, every
-    word of text on a line of its own) is more than there is, or rich, rendering it, still writes "…"
-    (its shrinking can squeeze a column below what it holds)."""
-    if _least_width(table) > options.max_width:
-        return True
-    lines = console.render_lines(table, options, new_lines=False)
-    return any("…" in segment.text for line in lines for segment in line)
+def _render_whole(console: Console, options: ConsoleOptions, table: Table,
+                  need: dict[int, int]) -> list[list[Segment]] | None:
+    """The table's lines if rich can render it at this width without cutting a cell, else None. It
+    cuts when the table's least width (every number whole, every word of text on a line of its own)
+    is more than there is, or when rich, rendering it, still writes "…" (its shrinking can squeeze a
+    column below what it holds)."""
+    least = (1 if table.show_edge else 0) + sum(need[id(c)] for c in table.columns)
+    if least > options.max_width:
+        return None
+    lines = console.render_lines(table, options, pad=False, new_lines=False)
+    if any("…" in segment.text for line in lines for segment in line):
+        return None
+    return lines
 
 
 def _plain(cell: object) -> str:
     return cell.plain if isinstance(cell, Text) else Text.from_markup(str(cell)).plain
 
 
-def _least_width(table: Table) -> int:
-    total = 1 if table.show_edge else 0  # the left edge; each column adds its right border
-    for col in table.columns:
-        cells = [_plain(c) for c in col._cells] + [_plain(col.header)]
-        if col.no_wrap:
-            need = max((len(line) for c in cells for line in c.splitlines() or [""]), default=0)
-        else:
-            need = max((len(word) for c in cells for word in c.split()), default=0)
-        total += need + 2 * table.padding[1] + 1
-    return total
+def _least_column_width(table: Table, col: Column) -> int:
+    """The narrowest `col` can be with its cells whole, its right border included."""
+    cells = [_plain(c) for c in col._cells] + [_plain(col.header)]
+    if col.no_wrap:
+        need = max((len(line) for c in cells for line in c.splitlines() or [""]), default=0)
+    else:
+        need = max((len(word) for c in cells for word in c.split()), default=0)
+    return need + 2 * table.padding[1] + 1
 
 
 def responsive(table: Table, drop: Iterable[str] = ()) -> Responsive:

@@ -76,6 +76,18 @@ def test_tables_at_80_columns_cut_no_number(args: list[str]) -> None:
     assert set(NUMBERS.findall("\n".join(table_lines))) <= wide_numbers
 
 
+@pytest.mark.parametrize("columns", ["50", "60"])
+def test_bars_narrow_with_the_terminal_and_keep_their_numbers(columns: str) -> None:
+    fit = _run("fit", "mixtral-8x7b", "--gpus", "2x24GB", COLUMNS=columns)
+    perf = _run("perf", "mixtral-8x7b", "--gpus", "2x24GB", "--sweep", COLUMNS=columns)
+    gpu_bar = next(line for line in fit.stdout.splitlines() if line.startswith(" GPU 0"))
+    assert gpu_bar.rstrip().endswith("14.8/20.1") and "…" not in gpu_bar  # the 80-column figure, whole
+    chart = [line for line in perf.stdout.splitlines() if re.match(r"^ +\d+  #", line)]
+    assert len(chart) >= 5
+    for line in chart:  # one line per batch, bar and figures whole
+        assert "…" not in line and line.rstrip().endswith("per user") and len(line) <= int(columns)
+
+
 def test_columns_when_piped_and_no_color() -> None:
     res = _run("gpus", COLUMNS="100")
     assert max(len(line) for line in res.stdout.splitlines()) <= 100 and "\x1b[" not in res.stdout

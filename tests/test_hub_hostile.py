@@ -626,6 +626,18 @@ def test_later_runs_read_no_headers_and_say_when_the_cache_stood_in(warm: Warm, 
     assert offline.requests == []
 
 
+def test_a_cached_config_without_cached_headers_is_said_on_stderr(warm: Warm, tmp_path: Path) -> None:
+    hf = warm.copy(tmp_path)
+    warm.entry(hf).unlink()  # the config is cached, the headers' summary is not
+    run = warm.run(tmp_path, HF_HUB_OFFLINE="1")
+    assert run.returncode == 0, run.stderr
+    assert "checkpoint" not in run.json() or run.json()["checkpoint"] is None  # sizes from the config alone
+    assert run.stderr.count("\n") == 1 and run.stderr.startswith("note: config.json of org/tiny@main")
+    assert "from the local cache (HF_HUB_OFFLINE is set)" in run.stderr
+    assert "no safetensors headers cached" in run.stderr
+    assert run.requests == []
+
+
 def _rewrite(path: Path, change: Callable[[dict[str, Any]], Any]) -> None:
     """Change the entry's JSON and fix its checksum: a consistent-looking forgery of one field."""
     entry = json.loads(path.read_text())

@@ -49,7 +49,7 @@ COPY_DRIFT = 0.15  # copy bandwidth before and after the sweep differing by more
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
 
 
 class Numbers(_Frozen):

@@ -39,7 +39,7 @@ Ranker = Callable[[ModelSpec, QuantScheme, Plan, tuple[Gpu, ...], Scenario], Pla
 
 
 class Finding(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     target: str  # a targets key, or "fits" / "serving.context"
     predicted: float | None
     limit: float | None
@@ -53,7 +53,7 @@ class Finding(BaseModel):
 class CheckResult(BaseModel):
     """`model_dump()` is exactly one entry of `moeplan check --format json`."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     path: str | None
     name: str
     model: str

@@ -127,7 +127,7 @@ MAX_BATCH = 65536  # memory.check_context's bound on --batch
 
 
 class Launch(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     engine: str
     env: dict[str, str]
     argv: list[str]

@@ -178,7 +178,7 @@ def schema() -> dict[str, Any]:
 
 
 class SpecProblem(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, defer_build=True)
     field: str  # dotted path, "" for the whole file
     line: int | None
     message: str
