@@ -439,7 +439,7 @@ def fit_cmd(
         out.print(fit_verdict(res))
         out.print(responsive(verdict_table(res)))
         if res.plans:
-            out.print(responsive(plans_table(res), drop=("engine", "TTFT ms", "tok/s total", "max batch")))
+            out.print(responsive(plans_table(res), drop=("at max batch", "engine", "TTFT ms", "tok/s total", "max batch")))
         if res.best is not None:
             out.print(memory_bars(res.best, out.width))
         for note in res.notes:
@@ -790,6 +790,8 @@ def _check_table(results: list[Any]) -> None:
             out.print(f"  {r.command}", markup=False, highlight=False, soft_wrap=True)
             for note in r.command_notes:
                 out.print(f"  [dim]- {escape(printable(note))}[/dim]", soft_wrap=True)
+        for note in r.notes:
+            out.print(f"  [dim]note: {escape(printable(note))}[/dim]", soft_wrap=True)
 
 
 _SCHEMA_KINDS = ("spec", "fit", "perf", "memory", "params", "check", "compare")

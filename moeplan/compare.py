@@ -51,6 +51,7 @@ class CompareRow(BaseModel):
     capacity_tok_per_s: float | None = None
     tok_per_s_per_user_at_common_batch: float | None = None
     usd_per_million_output_tokens: float | None = None  # at capacity, with --price
+    usd_per_million_input_tokens: float | None = None  # at the prefill rate, with --price
     reason: str = ""  # why it does not fit
 
 
@@ -109,6 +110,7 @@ def compare(
             decode_bytes_per_step=dec.bytes, decode_flops_per_step=dec.flops, max_batch=best.max_batch,
             capacity_batch=sp.capacity_batch, capacity_tok_per_s=sp.capacity_tok_per_s,
             usd_per_million_output_tokens=sp.usd_per_million_output_tokens_at_capacity,
+            usd_per_million_input_tokens=sp.usd_per_million_input_tokens,
         ))  # fmt: skip
         plans.append((spec, scheme, best))
     fitting = [r for r in rows if r.fits]
@@ -138,17 +140,33 @@ def verdict(rows: list[CompareRow], batch: int, common: int) -> list[str]:
     ratio = (slow.tpot_s or 0) / (fast.tpot_s or 1)
     gb_fast = (fast.weights_read_per_token_bytes or 0) / 1e9
     gb_slow = (slow.weights_read_per_token_bytes or 0) / 1e9
-    why = (f"a token reads {gb_fast:,.1f} GB of its weights against {gb_slow:,.1f} GB (weight reads decide "
-           "batch-1 decode)" if gb_fast < gb_slow else
-           "its step is shorter though a token reads as many weights (compute or communication)")
+    if batch == 1 and gb_fast < gb_slow:
+        why = f"a token reads {gb_fast:,.1f} GB of its weights against {gb_slow:,.1f} GB (weight reads decide batch-1 decode)"
+    else:  # at a batch, or as many weights per token: the step's own reads and FLOPs say it
+        why = (f"a step at batch {batch} reads {(fast.decode_bytes_per_step or 0) / 1e9:,.2f} GB on the busiest GPU "
+               f"against {(slow.decode_bytes_per_step or 0) / 1e9:,.2f} GB and computes "
+               f"{(fast.decode_flops_per_step or 0) / 1e12:,.2f} against {(slow.decode_flops_per_step or 0) / 1e12:,.2f} "
+               "TFLOP")
     out.append(f"latency: {fast.model} decodes {ratio:,.2f}x faster per user at batch {batch} "
                f"({(fast.tpot_s or 0) * 1e3:,.2f} vs {(slow.tpot_s or 0) * 1e3:,.2f} ms per token): {why}")
+    quants = {"16-bit" if r.quant in ("bf16", "fp16") else r.quant for r in fitting}  # bf16 and fp16: alike
+    if len(quants) > 1:
+        out.append("quantization differs: " + ", ".join(f"{r.model} fits best as {r.quant}" for r in fitting)
+                   + " (each model's highest precision that fits; --quant compares them alike)")
     if common > batch:
         users = {r.model: r.tok_per_s_per_user_at_common_batch or 0.0 for r in fitting}
         narrowed = users[fast.model] / max(users[slow.model], 1e-12)
-        trend = "narrows" if narrowed < ratio else "widens"
-        out.append(f"at batch {common:,} the per-user ratio {trend} to {narrowed:,.2f}x: a large batch touches "
-                   "more experts and reads more KV, and compute grows with every token")
+        if narrowed < ratio:
+            cause = ("a large batch touches more of the MoE's experts, so its weight reads approach its total"
+                     if fast.kind.startswith("MoE") and not slow.kind.startswith("MoE") else
+                     "weight reads are shared by the batch while KV reads and compute grow with every sequence")
+        else:
+            cause = (f"{slow.model} holds more KV per sequence ({slow.kv_bytes_per_sequence / 1e9:,.2f} GB against "
+                     f"{fast.kv_bytes_per_sequence / 1e9:,.2f} GB), read again at every step"
+                     if slow.kv_bytes_per_sequence > fast.kv_bytes_per_sequence else
+                     f"{slow.model}'s compute per token grows its step faster")
+        out.append(f"at batch {common:,} (the smallest of the models' largest batches) the per-user ratio "
+                   f"{'narrows' if narrowed < ratio else 'widens'} to {narrowed:,.2f}x: {cause}")
     by_cap = sorted(fitting, key=lambda r: -(r.capacity_tok_per_s or 0.0))
     top = by_cap[0]
     rest = ", ".join(f"{r.model} {r.capacity_tok_per_s or 0:,.0f} at batch {r.capacity_batch:,}" for r in by_cap[1:])
@@ -159,5 +177,7 @@ def verdict(rows: list[CompareRow], batch: int, common: int) -> list[str]:
     if priced:
         cheap = min(priced, key=lambda r: r.usd_per_million_output_tokens or 0.0)
         out.append(f"cost: {cheap.model} is cheapest at {cheap.usd_per_million_output_tokens:,.3f} USD per million "
-                   "output tokens at its capacity")
+                   "output tokens at its largest batch"
+                   + (f" ({cheap.usd_per_million_input_tokens:,.3f} per million input tokens)"
+                      if cheap.usd_per_million_input_tokens is not None else ""))
     return out

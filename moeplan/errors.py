@@ -32,5 +32,9 @@ class HubError(MoeplanError):
     pass
 
 
+class RedundantExpertsError(MoeplanError):
+    """--redundant-experts (serving.redundant_experts) the GPUs or the model cannot take."""
+
+
 class BenchUnavailableError(MoeplanError):
     pass

@@ -141,6 +141,9 @@ class StepCost(BaseModel):
     flops: float
     distinct_experts: float  # per MoE layer, over the whole model
     bound: str
+    # Bytes the busiest EP rank moves per MoE layer in one step, dispatch plus combine (0 without DP
+    # attention + EP: TP's all-reduces carry the rest).
+    a2a_bytes_busiest: float = 0.0
 
 
 def _pipeline_send_s(nbytes: float, gpus: tuple[Gpu, ...], stage_gpus: int, nodes: int) -> float:
@@ -306,7 +309,8 @@ def step_cost(
         total += eng.step_s
     bound = "compute" if compute_t > memory_t else "memory"
     return StepCost(seconds=total, compute_s=compute_t, memory_s=memory_t, comm_s=comm_t, bytes=bytes_all,
-                    flops=flops_all, distinct_experts=touched, bound=bound)
+                    flops=flops_all, distinct_experts=touched, bound=bound,
+                    a2a_bytes_busiest=ep_moved * (dispatch_bytes + 2))
 
 
 def ep_alltoall_moved(nbytes: float, ranks: int, per_node: int, link: LinkClass | None) -> float:
@@ -405,6 +409,7 @@ class PerfResult(BaseModel):
     routing: str = "uniform"
     busiest_rank_experts: float = 0.0  # expected distinct experts on the busiest EP rank per decode step
     busiest_rank_pairs: float = 0.0  # and its token-expert pairs
+    busiest_rank_a2a_bytes: float = 0.0  # what that rank sends or receives per MoE layer per decode step
     drop_fraction_decode: float | None = None  # with --capacity-factor: share of pairs over budget
     drop_fraction_prefill: float | None = None
     decode_bytes_per_step: float
@@ -558,6 +563,9 @@ def perf_report(
             notes.append(f"routing {routing.label}: {load.distinct_total:,.1f} distinct experts per layer per decode "
                          f"step against {uniform.distinct_total:,.1f} uniform; busiest EP rank "
                          f"{load.assignments_max:,.1f} token-expert pairs against {uniform.assignments_max:,.1f}")
+    if sc.redundant_experts and plan.ep <= 1:
+        notes.append(f"--redundant-experts {sc.redundant_experts} changes nothing in {plan.layout}: replicas serve "
+                     "expert-parallel layouts (force one with --ep, or --dp-attention --tp N)")
     drops: dict[str, float] = {}
     if sc.capacity_factor is not None and spec.is_moe:
         drops = {"decode": drop_fraction(spec.num_experts, spec.experts_per_token, sc.batch, sc.capacity_factor, probs),
@@ -614,6 +622,7 @@ def perf_report(
         routing=routing.label if routing is not None else "uniform",
         busiest_rank_experts=load.distinct_max if load is not None else 0.0,
         busiest_rank_pairs=load.assignments_max if load is not None else 0.0,
+        busiest_rank_a2a_bytes=dec.a2a_bytes_busiest,
         drop_fraction_decode=drops.get("decode"), drop_fraction_prefill=drops.get("prefill"),
         decode_bytes_per_step=dec.bytes, decode_distinct_experts=dec.distinct_experts, comm_s_per_step=dec.comm_s,
         efficiency=eff, sweep=rows, notes=notes,

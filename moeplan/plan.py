@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from moeplan.errors import MoeplanError
+from moeplan.errors import MoeplanError, RedundantExpertsError
 from moeplan.hardware import Gpu
 from moeplan.layout import (
     GpuUse, Layout, Scenario, candidate_layouts, dispatch_buffer_bytes, even_stages, gpu_rows, stage_activation_bytes,
@@ -145,8 +145,10 @@ class LayoutRequest(BaseModel):
 MAX_REDUNDANT_EXPERTS_PER_EXPERT = 1  # EPLB gives a hot expert a few replicas, not the whole model again
 
 
-def check_expert_options(spec: ModelSpec, redundant: int, capacity_factor: float | None) -> None:
-    """--redundant-experts and --capacity-factor in range, before any planning."""
+def check_expert_options(spec: ModelSpec, redundant: int, capacity_factor: float | None,
+                         gpus: tuple[Gpu, ...] = (), quant: str | None = None) -> None:
+    """--redundant-experts and --capacity-factor in range, before any planning; with `gpus`, replicas
+    that could not fit on them even alone (EP over every GPU, the smallest expert format tried)."""
     if capacity_factor is not None and (not math.isfinite(capacity_factor) or capacity_factor <= 0
                                         or capacity_factor > 64):
         raise MoeplanError(f"--capacity-factor must be above 0 (and at most 64), got {capacity_factor}")
@@ -157,6 +159,18 @@ def check_expert_options(spec: ModelSpec, redundant: int, capacity_factor: float
     if redundant > spec.num_experts * MAX_REDUNDANT_EXPERTS_PER_EXPERT:
         raise MoeplanError(f"--redundant-experts {redundant} is more replicas than {spec.name}'s {spec.num_experts} "
                            "experts (DeepSeek serves V3's 256 with 32)")
+    if redundant and gpus:
+        g, e = len(gpus), spec.num_experts
+        bits = min(s.expert_bits for s in quant_candidates(spec, quant))
+        per_slot = spec.num_moe_layers * expert_params(spec) * bits / 8  # one more expert per MoE layer
+        extra = -(-(e + redundant) // g) - -(-e // g)
+        cap = max(gpu.usable_bytes for gpu in gpus)
+        if extra * per_slot > cap:
+            most = (-(-e // g) + int(cap // per_slot)) * g - e
+            raise RedundantExpertsError(
+                f"--redundant-experts {redundant}: the replicas alone need {extra * per_slot / GiB:,.1f} GiB on each "
+                f"GPU ({extra} more expert slots per MoE layer on each of {g} GPUs at {bits:g} bits), more than a GPU "
+                f"holds ({cap / GiB:,.1f} GiB); use at most {max(most, 0)}")
 
 
 def engine_for(scheme: QuantScheme, layout: Layout) -> str:
@@ -385,7 +399,7 @@ def fit(
     forced = check_request(spec, gpus, nodes, layout) if layout is not None else None
     if not 0.1 <= mem_fraction <= 1.0:
         raise MoeplanError(f"--mem-fraction must be between 0.1 and 1.0, got {mem_fraction}")
-    check_expert_options(spec, redundant_experts, capacity_factor)
+    check_expert_options(spec, redundant_experts, capacity_factor, gpus, quant)
     sc = Scenario(context=context, batch=batch, kv_dtype=kv_dtype, mem_fraction=mem_fraction,
                   redundant_experts=redundant_experts, capacity_factor=capacity_factor)
     notes: list[str] = []
@@ -440,6 +454,8 @@ def fit(
             closest.append(near)
             verdicts.append(QuantVerdict(quant=scheme.name, fits=False, weights_bytes=w,
                                          reason=f"best layout {near.layout}: {near.overflow}"))
+    if not fitting and redundant_experts:
+        _replicas_too_many(spec, schemes, gpus, nodes, sc, layout)
     offload_plan = None
     offload_plans: list[Plan] = []
     if not fitting and cpu_mem_bytes:
@@ -455,6 +471,8 @@ def fit(
         if offload_plan is None and offload is not None and offload.cpu_moe_layers is not None:
             notes.append(f"--n-cpu-moe {offload.cpu_moe_layers} leaves more on the GPUs than they hold with every "
                          "type tried: offload more layers, or leave --n-cpu-moe out for the fewest that fit")
+        if quant and offload_plan is not None and offload_gguf(quant) != quant:
+            notes.append(f"--quant {quant} offloads as {offload_gguf(quant)}, the GGUF type llama.cpp loads for it")
         if offload_plan is not None and offload_plan.offload is not None and offload_plan.offload.tier == "disk":
             notes.append("no offload type fits the host RAM: the rest of the experts are read from disk (llama.cpp "
                          "mmaps the model file); give more --cpu-mem or a smaller --quant")
@@ -475,6 +493,28 @@ def fit(
         fits=True if fitting else ("offload" if offload_plan is not None else False),
         best=best, plans=plans, verdicts=verdicts, notes=notes,
     )  # fmt: skip
+
+
+def _replicas_too_many(spec: ModelSpec, schemes: list[QuantScheme], gpus: tuple[Gpu, ...], nodes: int, sc: Scenario,
+                       layout: LayoutRequest | None) -> None:
+    """Nothing fits with the replicas but an expert-parallel layout fits without them: the replicas are
+    more than the GPUs hold, a bad --redundant-experts (exit 2) naming the most that fit."""
+    bare = sc.model_copy(update={"redundant_experts": 0})
+    most, where = -1, ""
+    for scheme in schemes:
+        for plan in plans_for_quant(spec, scheme, gpus, nodes, bare, layout):
+            if not plan.fits or plan.ep <= 1:
+                continue
+            per_slot = spec.num_moe_layers * expert_params(spec) * scheme.expert_bits / 8 / max(plan.pp, 1)
+            free = min(r.free_bytes for r in plan.per_gpu)
+            e = spec.num_experts
+            n = (-(-e // plan.ep) + int(free // per_slot)) * plan.ep - e
+            if n > most:
+                most, where = n, f"{scheme.name} {plan.layout}"
+    if most >= 0:
+        raise RedundantExpertsError(
+            f"--redundant-experts {sc.redundant_experts}: the GPUs cannot hold that many replicas beside the model "
+            f"(without them {where} fits); use at most {most}, or more GPUs")
 
 
 def scorer(prefer: str) -> Callable[[Plan], tuple[float, ...]]:
@@ -559,6 +599,15 @@ def offload_ladder(spec: ModelSpec) -> tuple[str, ...]:
     return OFFLOAD_LADDER
 
 
+# Offload runs on llama.cpp, which loads GGUF files: a plain or checkpoint name asked for maps to the
+# GGUF type that keeps its precision (MXFP4 experts are GGUF's MXFP4_MOE, llama.cpp PR#15091).
+OFFLOAD_GGUF = {"mxfp4": "mxfp4_moe", "int8": "q8_0", "fp8": "q8_0", "int4": "q4_k_m"}
+
+
+def offload_gguf(quant: str) -> str:
+    return OFFLOAD_GGUF.get(quant.strip().lower(), quant)
+
+
 def plan_offload(
     spec: ModelSpec, gpus: tuple[Gpu, ...], sc: Scenario, cpu_mem_bytes: int, quant: str | None, *,
     options: OffloadOptions | None = None,
@@ -582,7 +631,8 @@ def plan_offloads(
     sc = sc.model_copy(update={"chunk_tokens": LLAMACPP_UBATCH, "cuda_graphs": False})
     cpu_budget = int(cpu_mem_bytes * CPU_RAM_FRACTION)
     moe_ids = [i for i, layer in enumerate(spec.layers) if layer.ffn == "moe"]
-    schemes = [get_scheme(q).for_model(spec) for q in ((quant,) if quant else offload_ladder(spec))]
+    asked = (offload_gguf(quant),) if quant else offload_ladder(spec)
+    schemes = [get_scheme(q).for_model(spec) for q in asked]
     schemes = [s for s in schemes if kv_dtype_usable(sc.kv_dtype, s) and s.gguf]
     emb = spec.vocab_size * spec.hidden_size
     plans: list[Plan] = []
@@ -683,8 +733,9 @@ def _offload_rows(
         layers = list(range(start, start + n))
         start += n
         budget = int(gpu.usable_bytes * sc.mem_fraction)
-        kv = cache_bytes(spec, sc.context, sc.batch, sc.kv_dtype, layers=[spec.layers[j] for j in layers],
-                         engine=True).total
+        held = cache_bytes(spec, sc.context, sc.batch, sc.kv_dtype, layers=[spec.layers[j] for j in layers],
+                           engine=True)
+        kv = held.total
         layer_b = sum(per_layer[j][0] for j in layers)
         extra = budget - over - act - rooms[i]  # embedding / lm_head on the end GPUs
         weights = layer_b - kv + extra
@@ -693,6 +744,7 @@ def _offload_rows(
             name=gpu.name, index=i, stage=i, capacity_bytes=gpu.usable_bytes, budget_bytes=budget, used_bytes=used,
             weights_bytes=weights, kv_bytes=kv, activation_bytes=act, overhead_bytes=over, free_bytes=budget - used,
             local_experts=spec.num_experts, weights={"layers": layer_b - kv, "embedding/lm_head": extra},
+            state_bytes=held.state,
         ))  # fmt: skip
     return rows
 

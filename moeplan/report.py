@@ -202,7 +202,7 @@ def fit_verdict(res: FitResult) -> Text:
                          f"{sp.tpot_s * 1e3:,.1f} ms per token mean, {(sp.offload_p99_tpot_s or sp.tpot_s) * 1e3:,.1f}"
                          " ms p99")
             if sp.cache_tpot_s is not None:
-                lines.append(f"  an engine with a GPU expert cache (every layer's experts in RAM, {o.cache_slots} slots "
+                lines.append(f"  an engine with a GPU expert cache (every layer's experts in RAM, {o.cache_slots} slot{'' if o.cache_slots == 1 else 's'} "
                              f"per layer on the GPU, LRU, locality {o.locality:g}): hit rate "
                              f"{sp.cache_hit_rate:.0%}, {sp.cache_tpot_s * 1e3:,.1f} ms mean, "
                              f"{(sp.cache_p99_tpot_s or 0) * 1e3:,.1f} ms p99 (misses over PCIe)")
@@ -231,15 +231,18 @@ def plans_table(res: FitResult) -> Table:
                       ("tok/s total", "right"), ("TTFT ms", "right")):
         table.add_column(col, justify=just)  # type: ignore[arg-type]
     priced = any(p.speed is not None and p.speed.usd_per_hour is not None for p in res.plans)
-    if priced:
+    if priced:  # at the batch asked (beside tok/s total), and at the largest batch that fits
         table.add_column("USD/Mtok out", justify="right")
+        table.add_column("at max batch", justify="right")
     for plan in res.plans:
         worst = max(plan.per_gpu, key=lambda r: r.used_bytes / max(r.budget_bytes, 1)) if plan.per_gpu else None
         use = f"{worst.used_bytes / GiB:,.1f}/{worst.budget_bytes / GiB:,.1f}" if worst else ""
         cost = []
         if priced:
-            usd = plan.speed.usd_per_million_output_tokens_at_capacity if plan.speed else None
-            cost = [f"{usd:,.3f}" if usd is not None else ""]
+            sp = plan.speed
+            cost = [f"{usd:,.3f}" if usd is not None else "" for usd in (
+                sp.usd_per_million_output_tokens if sp else None,
+                sp.usd_per_million_output_tokens_at_capacity if sp else None)]
         table.add_row(plan.quant, plan.layout, plan.engine, "[green]yes[/green]" if plan.fits else "[red]no[/red]", use,
                       f"{plan.max_context:,}" if plan.fits else "-", f"{plan.max_batch:,}" if plan.fits else "-",
                       *_speed_cells(plan), *cost)
@@ -368,9 +371,15 @@ def compare_table(res: CompareResult) -> Table:
     table.add_row("largest batch that fits", *cells(lambda r: f"{r.max_batch:,}"))
     table.add_row("tok/s total at capacity", *cells(lambda r: f"{r.capacity_tok_per_s or 0:,.0f} (batch "
                                                               f"{r.capacity_batch:,})"))
+    table.add_row("tok/s per user at capacity",
+                  *cells(lambda r: f"{(r.capacity_tok_per_s or 0) / max(r.capacity_batch, 1):,.1f}"))
     if any(r.usd_per_million_output_tokens is not None for r in res.rows):
-        table.add_row("USD per million output tokens", *cells(lambda r: f"{r.usd_per_million_output_tokens:,.3f}"
-                                                              if r.usd_per_million_output_tokens is not None else ""))
+        table.add_row("USD per million output tokens (capacity)",
+                      *cells(lambda r: f"{r.usd_per_million_output_tokens:,.3f}"
+                             if r.usd_per_million_output_tokens is not None else ""))
+        table.add_row("USD per million input tokens (prefill)",
+                      *cells(lambda r: f"{r.usd_per_million_input_tokens:,.3f}"
+                             if r.usd_per_million_input_tokens is not None else ""))
     return table
 
 

@@ -891,14 +891,21 @@ def _layer_types(cfg: _Cfg, model_type: str, n_layers: int, label: str) -> list[
     return raw[:n_layers] if len(raw) > n_layers else raw
 
 
+# expert_dtype values moeplan sizes: FP4 experts (DeepSeek-V4's e2m1 with a ue8m0 scale per 32, as
+# quant.py's fp4-experts), or FP8 like the rest of the checkpoint.
+EXPERT_DTYPES = ("fp4", "mxfp4", "fp8")
+
+
 def _compress_ratio_types(cfg: _Cfg, expected: int, label: str) -> list[str]:
     """DeepSeek-V4's legacy compress_ratios (0: sliding only, else the CSA or HCA rate) as layer kinds."""
     ratios = cfg.get("compress_ratios")
     n = int(cfg.get("num_hidden_layers") or 0)
-    if not isinstance(ratios, list) or len(ratios) not in (n, expected):
-        size = len(ratios) if isinstance(ratios, list) else ratios
+    if not isinstance(ratios, list):
+        raise ConfigError(f"{label}: compress_ratios must be a list with one rate per layer ({n}, or {expected} "
+                          f"with the MTP layer), got {type(ratios).__name__} {ratios!r}; fix the config")
+    if len(ratios) not in (n, expected):
         raise ConfigError(
-            f"{label}: compress_ratios has {size} entries for {n} layers (+{expected - n} MTP); fix the config"
+            f"{label}: compress_ratios has {len(ratios)} entries for {n} layers (+{expected - n} MTP); fix the config"
         )
     rates = cfg.get("compress_rates") or {}
     csa = _positive_int(rates.get("compressed_sparse_attention", cfg.get("compress_rate_csa", default=4)),
@@ -1071,12 +1078,18 @@ def _deepseek_v4(cfg: _Cfg, f: dict[str, Any]) -> None:
         hashed = [t == "hash_moe" for t in mlp_types[: len(f["layers"])]]
     else:
         k = _whole(3 if n_hash is None else n_hash, "num_hash_layers", label, 0)  # transformers default 3
+        if k > len(f["layers"]):
+            raise ConfigError(f"{label}: num_hash_layers is {k}, more than the {len(f['layers'])} decoder layers; "
+                              "fix the config")
         hashed = [i < k for i in range(len(f["layers"]))]
     for layer, h in zip(f["layers"], hashed):
         layer["hash_routed"] = h
     f["hc_mult"] = _positive_int(get("hc_mult", default=1), "hc_mult", label)
     expert_dtype = get("expert_dtype", "quantization_config.expert_dtype")
     f["expert_dtype"] = str(expert_dtype).lower() if expert_dtype else None
+    if f["expert_dtype"] not in (None, *EXPERT_DTYPES):
+        raise ConfigError(f"{label}: expert_dtype {str(expert_dtype)[:40]!r} is not one moeplan sizes (it knows "
+                          f"{', '.join(EXPERT_DTYPES)}); fix the config or pass --quant")
     # The MTP layer: compress_ratios' entry after the decoder layers (0: sliding only, as Pro ships it).
     ratios = get("compress_ratios")
     extra = ratios[len(f["layers"])] if isinstance(ratios, list) and len(ratios) > len(f["layers"]) else 0

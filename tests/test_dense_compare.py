@@ -7,6 +7,9 @@ figure; transformers' LlamaForCausalLM on the meta device gives the same, tests/
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -146,3 +149,39 @@ def test_plot_is_an_optional_extra():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert Path(__file__).parent.parent.joinpath("pyproject.toml").read_text().count("matplotlib") >= 1
+
+
+def test_check_names_the_cheapest_configuration_that_meets_the_targets(tmp_path):
+    spec = tmp_path / "cheap.yaml"
+    base = "model: mixtral-8x7b\nengine: vllm\ngpus: 2xA100-80GB\nprice: 1.29\nserving: {context: 4096, batch: 64}\n"
+    spec.write_text(base + "targets: {max_usd_per_million_output_tokens: 5.0, min_decode_tok_per_s: 10}\n")
+    res = runner.invoke(app, ["check", str(spec), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    (entry,) = json.loads(res.stdout)
+    cheap = entry["cheapest_meeting_targets"]
+    checked = entry["plan"]["speed"]["usd_per_million_output_tokens"]
+    # A cheaper quantization than the one checked (bf16, the highest precision that fits) meets them too.
+    assert entry["plan"]["quant"] == "bf16" and cheap["quant"] != "bf16"
+    assert cheap["usd_per_million_output_tokens"] < checked
+    assert any(n.startswith("cheapest configuration that meets every target") for n in entry["notes"])
+    spec.write_text(base + "targets: {min_decode_tok_per_s: 1000}\n")  # nothing on two A100s decodes that fast
+    (entry,) = json.loads(runner.invoke(app, ["check", str(spec), "--format", "json"]).stdout)
+    assert entry["cheapest_meeting_targets"] is None
+    assert any("meets every target" in n and n.startswith("no ") for n in entry["notes"])
+
+
+def test_costs_at_the_batch_asked_and_for_input_tokens():
+    price = 1.29
+    fit = run_json("fit", "mixtral-8x7b", "--gpus", "2xA100-80GB", "--price", str(price), "--batch", "16")
+    sp = fit["best"]["speed"]
+    assert sp["usd_per_million_output_tokens"] == pytest.approx(
+        price * 2 / (3600 * sp["decode_tok_per_s_total"]) * 1e6, rel=1e-9)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    table = subprocess.run([sys.executable, "-m", "moeplan", "fit", "mixtral-8x7b", "--gpus", "2xA100-80GB", "--price",
+                            str(price), "--batch", "16"], env=env, capture_output=True, text=True, timeout=60)
+    row = next(line for line in table.stdout.splitlines() if line.startswith("│ bf16") and "tp2 ep1" in line)
+    assert f"{sp['usd_per_million_output_tokens']:,.3f}" in row  # beside tok/s total at batch 16
+    assert f"{sp['usd_per_million_output_tokens_at_capacity']:,.3f}" in row  # and at the largest batch
+    res = run_json("compare", "mixtral-8x7b", "llama-2-70b", "--gpus", "2xA100-80GB", "--price", str(price))
+    for r in res["rows"]:
+        assert 0 < r["usd_per_million_input_tokens"] < r["usd_per_million_output_tokens"]  # prefill is cheaper

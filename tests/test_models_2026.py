@@ -301,6 +301,18 @@ def _odd_ratio(cfg: dict[str, Any]) -> None:
     cfg["compress_ratios"][5] = 7
 
 
+def _ratio_scalar(cfg: dict[str, Any]) -> None:
+    cfg["compress_ratios"] = 4
+
+
+def _too_many_hash_layers(cfg: dict[str, Any]) -> None:
+    cfg["num_hash_layers"] = 100
+
+
+def _unknown_expert_dtype(cfg: dict[str, Any]) -> None:
+    cfg["expert_dtype"] = "fp3"
+
+
 BAD = [
     pytest.param(_bad(_drop_text, "google/gemma-4-26B-A4B-it"), "text_config", id="wrapper-without-text"),
     pytest.param(_bad(_drop_text, "Qwen/Qwen3.6-35B-A3B"), "text_config", id="qwen-wrapper-without-text"),
@@ -310,6 +322,12 @@ BAD = [
     pytest.param(_bad(_short_ratios, "deepseek-ai/DeepSeek-V4-Pro"), "compress_ratios has 40 entries",
                  id="compress-ratios-len"),
     pytest.param(_bad(_odd_ratio, "deepseek-ai/DeepSeek-V4-Pro"), "compress_ratios[5] is 7", id="compress-ratio-7"),
+    pytest.param(_bad(_ratio_scalar, "deepseek-ai/DeepSeek-V4-Pro"), "compress_ratios must be a list",
+                 id="compress-ratios-scalar"),
+    pytest.param(_bad(_too_many_hash_layers, "deepseek-ai/DeepSeek-V4-Pro"), "num_hash_layers is 100, more than the 61",
+                 id="hash-layers-beyond-the-model"),
+    pytest.param(_bad(_unknown_expert_dtype, "deepseek-ai/DeepSeek-V4-Pro"), "expert_dtype 'fp3' is not one",
+                 id="unknown-expert-dtype"),
 ]
 
 

@@ -360,3 +360,48 @@ def test_offload_decode_follows_the_ram_bandwidth_and_batch_one_stays_on_the_cpu
     # CPU-bound at batch 1 (llama.cpp offloads ops to the GPU only from 32 tokens): more RAM bandwidth, faster,
     # even where PCIe 3.0 (12.5 GB/s) would be slower still.
     assert tpot["40"] > tpot["80"] > tpot["160"]
+
+
+def test_more_replicas_than_the_gpus_hold_is_bad_input(tmp_path):
+    base = ["deepseek-v3", "--gpus", "8xH200", "--quant", "fp8", "--tp", "8", "--dp-attention"]
+    # 96 replicas: ceil((256 + 96) / 8) = 44 expert slots per GPU, 12 more than 32, fit beside the model; 104
+    # would need 13 more, which they do not hold.
+    assert runner.invoke(app, ["fit", *base, "--redundant-experts", "96"]).exit_code == 0
+    for command in ("fit", "perf"):
+        res = runner.invoke(app, [command, *base, "--redundant-experts", "104"])
+        assert res.exit_code == 2, res.output
+        assert "cannot hold that many replicas" in res.output and "use at most 96" in res.output
+    spec = tmp_path / "eplb.yaml"
+    spec.write_text("model: deepseek-v3\nengine: sglang\nquant: fp8\ngpus: 8xH200\nlayout: {tp: 8, dp_attention: true}"
+                    "\nserving:\n  context: 4096\n  batch: 1\n  redundant_experts: 104\n")
+    (entry,) = json.loads(runner.invoke(app, ["check", str(spec), "--format", "json"]).stdout)
+    assert entry["exit_code"] == 2 and entry["errors"][0]["field"] == "serving.redundant_experts"
+    assert entry["errors"][0]["line"] == 9
+    tp = runner.invoke(app, ["perf", "deepseek-v3", "--gpus", "8xH200", "--quant", "fp8", "--tp", "8",
+                             "--redundant-experts", "16"])
+    assert tp.exit_code == 0 and "changes nothing in tp8" in " ".join(tp.output.split())
+
+
+def test_busiest_rank_all_to_all_bytes_grow_with_skew():
+    base = ["perf", "deepseek-v3", "--gpus", "8xH200", "--quant", "fp8", "--tp", "8", "--dp-attention", "--batch",
+            "256", "--json"]
+    uniform = json.loads(runner.invoke(app, base).stdout)
+    skewed = json.loads(runner.invoke(app, [*base, "--routing", "zipf:1.2"]).stdout)
+    # DeepEP low-latency decode: one copy per (token, expert) each way, fp8 dispatch (1 + 4/128 bytes per
+    # value) and bf16 combine, at the busiest rank's pairs (or its own tokens' k copies when more).
+    pairs = max(uniform["busiest_rank_pairs"], 256 / 8 * 8)
+    assert uniform["busiest_rank_a2a_bytes"] == pytest.approx(pairs * 7168 * (1 + 4 / 128 + 2), rel=1e-9)
+    assert skewed["busiest_rank_a2a_bytes"] > 1.2 * uniform["busiest_rank_a2a_bytes"]
+
+
+def test_plain_mxfp4_offloads_as_mxfp4_moe(tmp_path):
+    res = json.loads(runner.invoke(app, ["fit", "gpt-oss-120b", "--gpus", "1xRTX4090", "--cpu-mem", "128GB",
+                                         "--quant", "mxfp4", "--json"]).stdout)
+    assert res["fits"] == "offload" and res["best"]["quant"] == "mxfp4_moe"
+    assert any("offloads as mxfp4_moe" in n for n in res["notes"])
+    spec = tmp_path / "gpt-oss.yaml"
+    spec.write_text("model: gpt-oss-120b\nengine: llamacpp\nquant: mxfp4\ngpus: 1xRTX4090\n"
+                    "serving: {context: 4096, batch: 1, cpu_mem_gb: 128}\n")
+    (entry,) = json.loads(runner.invoke(app, ["check", str(spec), "--format", "json"]).stdout)
+    assert entry["exit_code"] == 0 and entry["fits"] == "offload" and entry["engine"] == "llama.cpp"
+    assert "MXFP4_MOE" in entry["command"]

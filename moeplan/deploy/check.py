@@ -11,7 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, computed_field
 
-from moeplan.errors import ConfigError, GpuSpecError, HubError, MoeplanError, QuantError, UnknownModelError
+from moeplan.errors import (
+    ConfigError, GpuSpecError, HubError, MoeplanError, QuantError, RedundantExpertsError, UnknownModelError,
+)
 from moeplan.hardware import Gpu, parse_gpus
 from moeplan.layout import Scenario
 from moeplan.cost import parse_price
@@ -68,6 +70,9 @@ class CheckResult(BaseModel):
     command_notes: list[str] = []
     notes: list[str] = []
     errors: list[SpecProblem] = []  # the spec is invalid (exit 2)
+    # With a price and targets: the cheapest quantization and layout the engine runs on these GPUs that
+    # meets every target (None: none does, or nothing to search).
+    cheapest_meeting_targets: Cheapest | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -79,6 +84,16 @@ class _Choice(BaseModel):
     plan: Plan | None
     closest: Plan | None
     notes: list[str]
+
+
+class Cheapest(BaseModel):
+    """The cheapest configuration of the spec's GPUs and engine that meets every target (priced specs)."""
+
+    model_config = ConfigDict(frozen=True, defer_build=True)
+    quant: str
+    layout: str
+    usd_per_million_output_tokens: float
+    usd_per_million_input_tokens: float | None = None
 
 
 def default_ranker(spec: DeploySpec, routing: Routing | None = None) -> Ranker:
@@ -120,9 +135,9 @@ def spec_routing(spec: DeploySpec, model: ModelSpec) -> Routing | None:
         raise SpecError(spec.path, [SpecProblem(field=field, line=line, message=str(exc))]) from None
 
 
-def _expert_options(spec: DeploySpec, model: ModelSpec) -> None:
+def _expert_options(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...]) -> None:
     try:
-        check_expert_options(model, spec.serving.redundant_experts, spec.serving.capacity_factor)
+        check_expert_options(model, spec.serving.redundant_experts, spec.serving.capacity_factor, gpus, spec.quant)
     except MoeplanError as exc:
         field = "serving.redundant_experts" if "redundant" in str(exc) else "serving.capacity_factor"
         raise SpecError(spec.path, [SpecProblem(field=field, line=spec.line_of(field), message=str(exc))]) from None
@@ -266,6 +281,46 @@ def findings(spec: DeploySpec, choice: _Choice) -> list[Finding]:
     return out
 
 
+def cheapest_meeting_targets(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: int,
+                             rank: Ranker) -> Plan | None:
+    """Among every quantization the engine runs and the layouts fit shortlists for it (the forced
+    layout only, when the spec sets one), the plan with the lowest USD per million output tokens at
+    the serving batch whose findings all pass."""
+    sc = _scenario(spec)
+    request = LayoutRequest(**spec.layout.model_dump()) if spec.layout is not None else None
+    best: Plan | None = None
+    for scheme in engine_candidates(spec.engine, model, spec.quant, spec.serving.kv_dtype):
+        fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name, kv_dtype=sc.kv_dtype,
+                 mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus, layout=request,
+                 redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)  # fmt: skip
+        for plan in fr.plans:
+            usd = plan.speed.usd_per_million_output_tokens if plan.speed else None
+            if not plan.fits or usd is None or not engine_runs(spec.engine, plan):
+                continue
+            if all(f.passed for f in findings(spec, _Choice(plan=plan, closest=None, notes=[]))) and (
+                    best is None or usd < (best.speed.usd_per_million_output_tokens or 0.0)):  # type: ignore[union-attr]
+                best = plan
+    return best
+
+
+def _cheapest(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, rank: Ranker,
+              chosen: Plan | None, passed: bool) -> tuple[Cheapest | None, list[str]]:
+    targets = {k: v for k, v in spec.targets.model_dump(exclude={"prompt_tokens"}).items() if v is not None}
+    if spec.price is None or not targets:
+        return None, []
+    plan = cheapest_meeting_targets(spec, model, gpus, nodes, rank)
+    if plan is None or plan.speed is None or plan.speed.usd_per_million_output_tokens is None:
+        return None, [f"no quantization and layout {spec.engine} runs on {spec.gpus} meets every target"]
+    sp = plan.speed
+    found = Cheapest(quant=plan.quant, layout=plan.layout, usd_per_million_output_tokens=sp.usd_per_million_output_tokens,
+                     usd_per_million_input_tokens=sp.usd_per_million_input_tokens)
+    same = chosen is not None and passed and (chosen.quant, chosen.layout) == (plan.quant, plan.layout)
+    note = (f"cheapest configuration that meets every target: {plan.quant} {plan.layout} at "
+            f"{sp.usd_per_million_output_tokens:,.3f} USD per million output tokens at batch {spec.serving.batch:,}"
+            + (" (the one checked)" if same else ""))
+    return found, [note]
+
+
 def _verdict(plan: Plan | None) -> bool | Literal["offload"]:
     if plan is None:
         return False
@@ -281,9 +336,11 @@ def check(spec: DeploySpec, *, rank: Ranker | None = None) -> CheckResult:
     model = resolve(spec.model)
     gpus, nodes = parse_gpus(spec.gpus, spec.nodes)
     routing = spec_routing(spec, model)
-    _expert_options(spec, model)
-    choice = choose_plan(spec, model, gpus, nodes, rank if rank is not None else default_ranker(spec, routing))
+    _expert_options(spec, model, gpus)
+    ranker = rank if rank is not None else default_ranker(spec, routing)
+    choice = choose_plan(spec, model, gpus, nodes, ranker)
     found = findings(spec, choice)
+    cheapest, cheap_notes = _cheapest(spec, model, gpus, nodes, ranker, choice.plan, all(f.passed for f in found))
     run = None
     if choice.plan is not None:
         run = launch(spec.engine, model, choice.plan, spec.serving, nodes=nodes, model_name=_model_name(spec, model))
@@ -291,13 +348,15 @@ def check(spec: DeploySpec, *, rank: Ranker | None = None) -> CheckResult:
         path=spec.path, name=spec.name or (Path(spec.path).stem if spec.path else model.name), model=spec.model,
         engine=spec.engine, gpus=spec.gpus, nodes=nodes, fits=_verdict(choice.plan), plan=choice.plan,
         findings=found, passed=all(f.passed for f in found), command=run.command if run else None,
-        command_notes=run.notes if run else [], notes=choice.notes,
+        command_notes=run.notes if run else [], notes=[*choice.notes, *cheap_notes],
+        cheapest_meeting_targets=cheapest,
     )  # fmt: skip
 
 
 # Which field to blame when the core raises on a spec that validated.
 _BLAME: dict[type[MoeplanError], str] = {
     UnknownModelError: "model", ConfigError: "model", HubError: "model", GpuSpecError: "gpus", QuantError: "quant",
+    RedundantExpertsError: "serving.redundant_experts",
 }  # fmt: skip
 
 

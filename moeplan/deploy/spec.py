@@ -125,6 +125,16 @@ class DeploySpec(_Strict):
     _path: str | None = PrivateAttr(default=None)  # where it was loaded from, for annotations
     _lines: dict[str, int] = PrivateAttr(default_factory=dict)  # dotted key -> line in that file
 
+    @model_validator(mode="before")
+    @classmethod
+    def _llamacpp_names(cls, data: Any) -> Any:
+        """`llamacpp` as --emit spells it; MXFP4 experts as llama.cpp loads them (GGUF MXFP4_MOE)."""
+        if isinstance(data, dict) and data.get("engine") in ("llamacpp", "llama.cpp"):
+            data = {**data, "engine": "llama.cpp"}
+            if isinstance(data.get("quant"), str) and data["quant"].strip().lower() == "mxfp4":
+                data["quant"] = "mxfp4_moe"
+        return data
+
     @field_validator("quant")
     @classmethod
     def _known_quant(cls, value: str | None) -> str | None:
