@@ -220,10 +220,13 @@ def params(model: str = ModelArg, as_json: bool = JsonOpt, from_hub: bool = From
             from moeplan.report import checkpoint_json
 
             data["checkpoint"] = checkpoint_json(stored, count)
+        data["notes"] = list(spec.notes)
         _print_json(data)
         return
     out.print(responsive(params_table(count), drop=("total (exact)",)))
     out.print(params_notes(count))
+    for note in spec.notes:
+        out.print(f"[dim]- {escape(note)}[/dim]")
     if stored is not None:
         from moeplan.report import checkpoint_lines
 
@@ -838,7 +841,9 @@ def output_schema(kind: str) -> dict[str, Any]:
         from moeplan.params import ParamCount as model
 
         extra = {"checkpoint": {"type": "object", "description": "Hub reads only: what the safetensors headers "
-                                                                 "store."}}
+                                                                 "store."},
+                 "notes": {"type": "array", "items": {"type": "string"},
+                           "description": "What the config reader could not count or assumed (may be empty)."}}
     elif kind == "compare":
         from moeplan.compare import CompareResult as model
     else:

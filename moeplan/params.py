@@ -16,7 +16,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from moeplan.spec import Gemma4VisionSpec, LayerSpec, ModelSpec, QwenVisionSpec
+from moeplan.spec import Gemma4VisionSpec, LayerSpec, ModelSpec, QwenVisionSpec, SiglipVisionSpec
 
 # Component names, in display order. Every other module refers to these strings.
 EMBEDDING = "embedding"
@@ -294,6 +294,8 @@ def vision_params(spec: ModelSpec) -> int:
         return _qwen_vision_params(v)
     if isinstance(v, Gemma4VisionSpec):
         return _gemma4_vision_params(v, spec.hidden_size)
+    if isinstance(v, SiglipVisionSpec):
+        return _siglip_vision_params(v)
     # Llama 4 vision encoder + pixel-shuffle MLP + projector (transformers modeling_llama4).
     d, i = v.hidden_size, v.intermediate_size
     patches = (v.image_size // v.patch_size) ** 2
@@ -305,6 +307,23 @@ def vision_params(spec: ModelSpec) -> int:
     shuffled = int(d / v.pixel_shuffle_ratio**2)
     n += shuffled * v.projector_input_dim + v.projector_input_dim * v.projector_output_dim
     n += v.vision_output_dim * spec.hidden_size  # multi_modal_projector, no bias
+    return n
+
+
+def _siglip_vision_params(v: SiglipVisionSpec) -> int:
+    """SigLIP (transformers modeling_siglip): a patch conv with bias, one learned position per patch,
+    encoder blocks of two LayerNorms, q/k/v/o with biases and a 2-layer MLP with biases, a post
+    LayerNorm, and the attention-pooling head when used (a probe, nn.MultiheadAttention's packed
+    in-projection and out-projection, a LayerNorm and an MLP); then Gemma 3's projector (an RMSNorm of
+    the vision width and a vision x text matrix)."""
+    d, i = v.hidden_size, v.intermediate_size
+    n = v.num_channels * v.patch_size**2 * d + d + (v.image_size // v.patch_size) ** 2 * d
+    mlp = (d * i + i) + (i * d + d)
+    n += v.num_layers * (2 * 2 * d + 4 * (d * d + d) + mlp) + 2 * d
+    if v.use_head:
+        n += d + (3 * d * d + 3 * d) + (d * d + d) + 2 * d + mlp
+    if v.projector_output_dim:
+        n += d + d * v.projector_output_dim
     return n
 
 

@@ -211,7 +211,23 @@ class Gemma4VisionSpec(_Frozen):
     position_embedding_size: PositiveInt
 
 
-AnyVision = Annotated[VisionSpec | QwenVisionSpec | Gemma4VisionSpec, Field(discriminator="kind")]
+class SiglipVisionSpec(_Frozen):
+    """A SigLIP vision tower (transformers modeling_siglip.SiglipVisionModel) as Gemma 3 loads it, with
+    Gemma 3's projector into the text model (Gemma3MultiModalProjector: an RMSNorm over the vision
+    width and a bias-free matrix to the text width)."""
+
+    kind: Literal["siglip"] = "siglip"
+    hidden_size: PositiveInt = 768  # SiglipVisionConfig defaults
+    intermediate_size: PositiveInt = 3072
+    num_layers: PositiveInt = 12
+    num_channels: PositiveInt = 3
+    image_size: PositiveInt = 224
+    patch_size: PositiveInt = 16
+    use_head: bool = True  # the attention-pooling head; Gemma 3 sets vision_use_head false
+    projector_output_dim: int = Field(0, ge=0)  # the text width for Gemma 3's projector; 0: no projector
+
+
+AnyVision = Annotated[VisionSpec | QwenVisionSpec | Gemma4VisionSpec | SiglipVisionSpec, Field(discriminator="kind")]
 
 
 class StoredCheckpoint(_Frozen):
@@ -639,7 +655,7 @@ def _unwrap(
     family = inner.removesuffix("_text") or model_type
     notes: list[str] = []
     vc = raw.get("vision_config")
-    vision: VisionSpec | QwenVisionSpec | Gemma4VisionSpec | None = None
+    vision: VisionSpec | QwenVisionSpec | Gemma4VisionSpec | SiglipVisionSpec | None = None
     if family == "llama4" or model_type == "llama4":
         family = "llama4"
         vision = _llama4_vision(vc, text, label)
@@ -1218,8 +1234,8 @@ def _llama4_vision(vc: Any, text: dict[str, Any], label: str) -> VisionSpec | No
 
 def _wrapped_vision(
     vc: dict[str, Any], family: str, text: dict[str, Any], label: str
-) -> QwenVisionSpec | Gemma4VisionSpec | None:
-    """The vision tower of a Qwen3.5/3.6/Qwen3-VL or Gemma 4 wrapper; None when the config gives no
+) -> QwenVisionSpec | Gemma4VisionSpec | SiglipVisionSpec | None:
+    """The vision tower of a Qwen3.5/3.6/Qwen3-VL, Gemma 3 or Gemma 4 wrapper; None when the config gives no
     sizes (a vision_config cut to its model_type says nothing to count)."""
     try:
         if "depth" in vc and family.startswith(("qwen3_5", "qwen3_vl")):
@@ -1230,6 +1246,17 @@ def _wrapped_vision(
                 out_hidden_size=vc.get("out_hidden_size", text.get("hidden_size")),
                 num_position_embeddings=vc.get("num_position_embeddings", 0),
                 deepstack_layers=len(vc.get("deepstack_visual_indexes") or []),
+            )  # fmt: skip
+        if family == "gemma3" and vc.get("model_type", "siglip_vision_model") == "siglip_vision_model" and (
+                "hidden_size" in vc or "num_hidden_layers" in vc):
+            d = SiglipVisionSpec()
+            return SiglipVisionSpec(
+                hidden_size=vc.get("hidden_size", d.hidden_size), intermediate_size=vc.get("intermediate_size",
+                d.intermediate_size), num_layers=vc.get("num_hidden_layers", d.num_layers),
+                num_channels=vc.get("num_channels", d.num_channels), image_size=vc.get("image_size", d.image_size),
+                patch_size=vc.get("patch_size", d.patch_size),
+                use_head=_flag(vc.get("vision_use_head", True), "vision_config.vision_use_head", label),
+                projector_output_dim=text.get("hidden_size", 0),
             )  # fmt: skip
         if family == "gemma4" and "hidden_size" in vc:
             heads = vc.get("num_attention_heads", 12)

@@ -342,3 +342,30 @@ def test_bad_2026_configs_are_one_line_exit_2(config: dict[str, Any], needle: st
     assert result.exit_code == 2
     assert needle in result.output
     assert "Traceback" not in result.output
+
+
+# google/gemma-3-27b-it config.json (the Hub, its keys that size the model). 27,432,406,640 is what
+# transformers 5.23's Gemma3ForConditionalGeneration holds for it on the meta device, 423,060,336 of
+# them the SigLIP tower and the multimodal projector (counted here on 2026-12-03).
+GEMMA3_27B = {
+    "architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "mm_tokens_per_image": 256,
+    "torch_dtype": "bfloat16",
+    "text_config": {"head_dim": 128, "hidden_size": 5376, "intermediate_size": 21504, "model_type": "gemma3_text",
+                    "num_attention_heads": 32, "num_hidden_layers": 62, "num_key_value_heads": 16,
+                    "query_pre_attn_scalar": 168, "rope_scaling": {"factor": 8.0, "rope_type": "linear"},
+                    "sliding_window": 1024, "vocab_size": 262208, "max_position_embeddings": 131072},
+    "vision_config": {"hidden_size": 1152, "image_size": 896, "intermediate_size": 4304,
+                      "model_type": "siglip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 27,
+                      "patch_size": 14, "vision_use_head": False},
+}
+
+
+def test_gemma3_counts_its_siglip_tower_and_projector() -> None:
+    count = count_params(spec_from_config(GEMMA3_27B, name="gemma-3-27b"))
+    assert count.total_params == 27_432_406_640
+    assert count.component("vision").total == 423_060_336
+    bare = copy.deepcopy(GEMMA3_27B)
+    bare["vision_config"] = {"model_type": "siglip_vision_model"}  # sizes cut: nothing to count, and said
+    spec = spec_from_config(bare, name="gemma-3-27b")
+    assert count_params(spec).total_params == 27_432_406_640 - 423_060_336
+    assert spec.notes == ("vision tower not counted: vision_config (siglip_vision_model) gives no sizes",)
