@@ -44,10 +44,12 @@ FILE_NAME = "calibration.json"
 def calibration_path() -> Path:
     """$MOEPLAN_CACHE/calibration.json, else $XDG_CACHE_HOME/moeplan/calibration.json, else
     ~/.cache/moeplan/calibration.json (the XDG base-directory default)."""
+    from moeplan.safeio import expand_user
+
     if os.environ.get("MOEPLAN_CACHE"):
-        return Path(os.environ["MOEPLAN_CACHE"]).expanduser() / FILE_NAME
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base).expanduser() / "moeplan" / FILE_NAME
+        return expand_user(os.environ["MOEPLAN_CACHE"], "MOEPLAN_CACHE") / FILE_NAME
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return expand_user(base, "XDG_CACHE_HOME") / "moeplan" / FILE_NAME
 
 
 def clip_efficiency(value: float, upper: float = MAX_EFFICIENCY) -> float:

@@ -72,6 +72,7 @@ class _Boundary(TyperGroup):
 
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for a program stopped by Ctrl-C
+MAX_ERROR_CHARS = 2000  # an error line names the bad value; past this it quotes the start of it
 
 
 def one_line(message: str) -> str:
@@ -85,7 +86,13 @@ def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
     try:
         err = Console(stderr=True, highlight=False, soft_wrap=True, width=_width(sys.stderr))
         # User text (a model name of `[/]`, a file `deploy[prod].yaml`) is escaped, never markup.
-        err.print(f"[red]error:[/red] {escape(one_line(message))}", markup=True)
+        # Terminal escapes a user typed are shown, not obeyed; a value megabytes long is cut.
+        from moeplan.escape import printable
+
+        line = printable(one_line(message))
+        if len(line) > MAX_ERROR_CHARS:
+            line = line[:MAX_ERROR_CHARS] + f"... ({len(line) - MAX_ERROR_CHARS:,} more characters)"
+        err.print(f"[red]error:[/red] {escape(line)}", markup=True)
     except Exception:  # stderr itself is unusable: the exit code still says it
         pass
     sys.exit(code)
@@ -119,6 +126,39 @@ def _stdout_gone() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):
         pass
+
+
+class _ReaderMayLeave:
+    """sys.stdout for the whole run: when the reader leaves (`moeplan --version | true`, `check ... |
+    head -1`), later output goes nowhere and the command ends with its own exit code. Without it click
+    catches the broken pipe wherever it surfaces (help, --version, typer.echo) and exits 1, which
+    reads as "does not fit"."""
+
+    def __init__(self, stream: Any) -> None:
+        self._stream = stream
+        self._gone = False
+
+    def write(self, text: str) -> int:
+        if not self._gone:
+            try:
+                return int(self._stream.write(text))
+            except BrokenPipeError:
+                self._leave()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self._gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._leave()
+
+    def _leave(self) -> None:
+        self._gone = True
+        _stdout_gone()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding, buffer, ...
+        return getattr(self._stream, name)
 
 
 class _Out(Console):
@@ -419,7 +459,12 @@ def fit_cmd(
               mem_fraction=mem_fraction, cpu_mem_bytes=_parse_size(cpu_mem), rank=rank, gpus_label=label,
               layout=_request(tp, ep, pp, dp_attention), prefer=prefer, redundant_experts=redundant_experts,
               capacity_factor=capacity_factor, offload=_offload_options(cpu_bw, disk_bw, locality, expert_cache, n_cpu_moe))
-    command = _emit(emit, spec, res, gpu_list, rank) if emit else None
+    command, emit_error = None, None
+    if emit:
+        try:
+            command = _emit(emit, spec, res, gpu_list, rank)
+        except MoeplanError as exc:  # the plan is still printed; the failure is one line, exit 2
+            emit_error = str(exc)
     extra = list(speed_basis(gpu_list, res.best))
     if cost_price is None:
         extra.append(NO_PRICE_NOTE)
@@ -450,6 +495,8 @@ def fit_cmd(
         if command:
             out.print(f"\n[b]launch ({emit}):[/b]")
             out.print(command, markup=False, highlight=False, soft_wrap=True)
+    if emit_error is not None:
+        _fail(f"--emit {emit}: {emit_error}")
     raise typer.Exit(EXIT_OK if res.fits else EXIT_MISS)  # true or "offload": it runs
 
 
@@ -781,7 +828,7 @@ def _check_table(results: list[Any]) -> None:
         cells = {**{c: escape(v) for c, v in row.items()}, "spec": escape(Path(row["spec"]).name),
                  "result": f"[{style[row['result']]}]{row['result']}[/]"}
         table.add_row(*(cells[c] for c in cols))
-    out.print(table)
+    out.print(responsive(table, drop=("free GiB", "TTFT s", "total tok/s", "gpus", "TPOT s")))
     for r, row in zip(results, rows, strict=True):
         word = row["result"]
         about = f", {r.model} on {r.gpus} with {r.engine}" if r.model else ""
@@ -881,6 +928,7 @@ def main() -> None:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     if sys.stdout is None:  # started with stdout closed (`moeplan fit ... >&-`)
         _fail("stdout is closed; give somewhere to write (a file or a pipe)")
+    sys.stdout = _ReaderMayLeave(sys.stdout)  # type: ignore[assignment]
     try:
         app()
     except KeyboardInterrupt:  # Ctrl-C outside the command (while importing)

@@ -73,6 +73,8 @@ def parse_price(text: str | None) -> Price | None:
         gpu = find_gpu(name.strip())
         if gpu is None:
             raise MoeplanError(f"--price {text!r}: unknown GPU {name.strip()!r} (see `moeplan gpus`)")
+        if gpu.name in by_gpu:  # H100=1,H100=2: which one was meant is not for moeplan to guess
+            raise MoeplanError(f"--price {text!r}: {gpu.name} is priced twice; give each GPU one price")
         by_gpu[gpu.name] = _amount(re.sub(r"^\$", "", value.strip()), text)
     return Price(by_gpu=by_gpu, text=text)
 

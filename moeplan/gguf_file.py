@@ -815,6 +815,9 @@ def file_scheme(spec: ModelSpec) -> QuantScheme:
     count = count_params(spec)
     weights = {c.name: c.total for c in count.components if c.total}
     placed = {c: b for c, b in stored_bytes.items() if c in weights}
+    if not isinstance(stored_bytes, dict) or sum(placed.values()) <= 0:  # a config.json that only says "gguf"
+        raise QuantError(f"{spec.name}: quant_method 'gguf' names a GGUF file's own tensor types, which only the "
+                         "file carries: give the .gguf file as MODEL, or pass --quant (e.g. q4_k_m)")
     mean = 8 * sum(placed.values()) / max(sum(weights[c] for c in placed), 1)
     bits = {c: _exact_bits(placed[c], n) if c in placed else mean for c, n in weights.items()}
     types = qc.get("component_types") or {}

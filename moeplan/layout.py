@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from functools import lru_cache
 from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict
@@ -131,12 +132,13 @@ def even_stages(num_layers: int, pp: int) -> tuple[int, ...]:
     return tuple(base + (1 if s < extra else 0) for s in range(pp))
 
 
-def stage_bounds(stage_layers: tuple[int, ...]) -> list[tuple[int, int]]:
+@lru_cache(maxsize=256)  # every GPU row of a layout asks for its stage's bounds: pp stages, pp times
+def stage_bounds(stage_layers: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     bounds, start = [], 0
     for n in stage_layers:
         bounds.append((start, start + n))
         start += n
-    return bounds
+    return tuple(bounds)
 
 
 class Scenario(BaseModel):
@@ -264,10 +266,15 @@ def gpu_rows(
     g = layout.gpus_per_stage
     n = len(gpus)
     rows: dict[tuple[int, str, int], GpuUse] = {}
+    counts: Counter[tuple[int, str, int]] = Counter()
     cache: dict[tuple[int, int], tuple[dict[str, int], CacheBytes, int]] = {}
     for i, gpu in enumerate(gpus):
         stage, rank = divmod(i, g)
         local = local_experts(spec, layout, rank, sc)
+        row_key = (stage, gpu.name, local)
+        counts[row_key] += 1
+        if row_key in rows:  # thousands of like GPUs are one row: nothing more to compute
+            continue
         key = (stage, local)
         if key not in cache:
             weights = stage_weights(spec, scheme, layout, stage, local)
@@ -281,17 +288,13 @@ def gpu_rows(
         budget = int(gpu.usable_bytes * sc.mem_fraction)
         w = sum(weights.values())
         used = w + kv + act + over
-        row_key = (stage, gpu.name, local)
-        if row_key in rows:
-            rows[row_key] = rows[row_key].model_copy(update={"count": rows[row_key].count + 1})
-            continue
         rows[row_key] = GpuUse(
             name=gpu.name, index=i, stage=stage, capacity_bytes=gpu.usable_bytes, budget_bytes=budget,
             used_bytes=used, weights_bytes=w, kv_bytes=kv, activation_bytes=act, overhead_bytes=over,
             free_bytes=budget - used, local_experts=local if layout.ep > 1 else spec.num_experts, weights=weights,
             state_bytes=held.state,
         )  # fmt: skip
-    return list(rows.values())
+    return [row if counts[k] == 1 else row.model_copy(update={"count": counts[k]}) for k, row in rows.items()]
 
 
 def candidate_layouts(spec: ModelSpec, gpus: tuple[Gpu, ...], nodes: int) -> list[Layout]:

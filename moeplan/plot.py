@@ -21,6 +21,8 @@ def check_target(path: Path) -> None:
         raise MoeplanError(f"--plot {path}: write a .svg or .png file")
     if not path.parent.exists():
         raise MoeplanError(f"--plot {path}: folder {path.parent} does not exist")
+    if path.exists() and not path.is_file():  # a FIFO would block the write forever; a folder fails late
+        raise MoeplanError(f"--plot {path}: exists and is not a regular file; name a new .svg or .png file")
     _pyplot()
 
 
@@ -36,8 +38,11 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: Path) -> None:
-    try:
-        fig.savefig(path, format=path.suffix.lower().lstrip("."), bbox_inches="tight")
+    from moeplan.safeio import write_atomic
+
+    fmt = path.suffix.lower().lstrip(".")
+    try:  # whole or not at all: a full disk leaves no half-written plot
+        write_atomic(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"), binary=True)
     except OSError as exc:
         raise MoeplanError(f"cannot write {path}: {exc.strerror or exc}") from None
 

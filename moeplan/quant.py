@@ -25,7 +25,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from moeplan.errors import QuantError
+from moeplan.errors import ConfigError, QuantError
 from moeplan.params import (
     ATTENTION, DENSE_FFN, DENSE_MLP, EMBEDDING, HYPER_CONNECTIONS, LM_HEAD, MAMBA, NORMS, PER_LAYER_EMBEDDING,
     ROUTED_EXPERTS, ROUTER, SHARED_EXPERTS, VISION,
@@ -324,18 +324,27 @@ def native_scheme(spec: ModelSpec) -> QuantScheme:
     if spec.expert_dtype in ("fp4", "mxfp4") and method in ("fp8", ""):
         return get_scheme("fp4-experts")
     if method == "fp8":
-        return get_scheme("fp8-block" if qc.get("weight_block_size") else "fp8")
+        block = qc.get("weight_block_size")
+        if block is not None and not (isinstance(block, list) and len(block) == 2 and all(
+                type(b) is int and 16 <= b <= 4096 for b in block)):
+            raise ConfigError(f"{spec.name}: quantization_config.weight_block_size must be two block sides such as "
+                              f"[128, 128], got {str(block)[:40]!r}; fix the config or pass --quant")
+        return get_scheme("fp8-block" if block else "fp8")
     if method == "mxfp4":
         return get_scheme("mxfp4")
     if method in ("gptq", "awq"):
-        bits, group = int(qc.get("bits", 4)), int(qc.get("group_size", 128))
+        bits, group = qc.get("bits", 4), qc.get("group_size", 128)
+        if type(bits) is not int or bits not in (4, 8) or type(group) is not int or not -1 <= group <= 4096:
+            raise ConfigError(f"{spec.name}: {method} quantization_config needs bits 4 or 8 and an integer "
+                              f"group_size (-1 for none), got bits {str(bits)[:20]!r}, group_size "
+                              f"{str(group)[:20]!r}; fix the config or pass --quant")
         if bits == 4:
             return get_scheme(f"{method}-g{group}" if group > 0 else method)
         return get_scheme("int8")
     if method in ("modelopt", "modelopt_fp4", "nvfp4"):
         return get_scheme("nvfp4")
-    if method == "bitsandbytes":
-        return get_scheme("nf4")
+    if method == "bitsandbytes":  # load_in_8bit: LLM.int8(); else 4-bit (nf4 or fp4, the same size)
+        return get_scheme("int8" if qc.get("load_in_8bit") is True else "nf4")
     dtype = spec.dtype.replace("torch.", "").lower()
     return get_scheme(ALIASES.get(dtype, dtype) if ALIASES.get(dtype, dtype) in builtin_schemes() else "bf16")
 

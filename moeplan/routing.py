@@ -593,10 +593,16 @@ def parse_routing(text: str | None, num_experts: int, num_moe_layers: int) -> Ro
                                f"{num_experts} experts")
         if any(not math.isfinite(x) or x < 0 for x in row):
             raise MoeplanError(f"--routing {value}: layer {i} has a negative or non-finite frequency")
-        total = sum(row)
-        if total <= 0:
+        top = max(row)
+        if top <= 0:
             raise MoeplanError(f"--routing {value}: layer {i} has no routed tokens (all frequencies zero)")
-        out.append(tuple(x / total for x in row))
+        row = [x / top for x in row]  # by the largest first: 1e308 twice is finite, its sum is not
+        total = sum(row)
+        shares = tuple(x / total for x in row)
+        if min(x for x in shares if x > 0) < 1e-300:  # shares so small they underflow in the load model
+            raise MoeplanError(f"--routing {value}: layer {i}'s frequencies span more than 1e300; give counts or "
+                               "shares of a sane range")
+        out.append(shares)
     return Routing(label=value, per_layer=tuple(out))
 
 
@@ -607,10 +613,10 @@ def _read_routing_file(path_text: str) -> list[list[float]]:
 
     from moeplan.errors import MoeplanError
 
-    from moeplan.safeio import check_path_text, loads_json, read_text
+    from moeplan.safeio import check_path_text, expand_user, loads_json, read_text
 
     check_path_text(path_text, "--routing")
-    path = Path(path_text).expanduser()
+    path = expand_user(path_text, "--routing")
     if not path.exists():
         raise MoeplanError(f"--routing {path_text}: not uniform, zipf:S or a readable file")
     text = read_text(path, what="--routing file", max_bytes=MAX_ROUTING_FILE_BYTES)
@@ -632,18 +638,22 @@ def _read_routing_file(path_text: str) -> list[list[float]]:
         return [numbers(row) for row in data]
     rows: list[list[float]] = []
     seen_header = False
-    for record in csv.reader(io.StringIO(text)):
+    # Errors name the line, never its text: a file pointed at by a spec could hold anything (a secret
+    # echoed into a CI annotation), and only its numbers are moeplan's business.
+    reader = csv.reader(io.StringIO(text))
+    for record in reader:
         cells = [c.strip() for c in record if c.strip()]
         if not cells:
             continue
         try:
             values = [float(c) for c in cells]
             if not all(math.isfinite(v) for v in values):
-                raise MoeplanError(f"--routing {path_text}: a CSV row with a value that is not finite: {record[:4]}")
+                raise MoeplanError(f"--routing {path_text}: line {reader.line_num} has a value that is not finite")
             rows.append(values)
         except ValueError:
             if rows or seen_header:  # one header row is allowed, and only first
-                raise MoeplanError(f"--routing {path_text}: a CSV row that is not numbers: {record[:4]}") from None
+                raise MoeplanError(f"--routing {path_text}: line {reader.line_num} is not comma-separated numbers "
+                                   "(one row of expert frequencies per MoE layer)") from None
             seen_header = True
     return rows
 

@@ -50,6 +50,15 @@ def check_path_text(text: str, what: str = "path") -> None:
         raise ReadError(f"{what} contains a NUL character")
 
 
+def expand_user(text: str, what: str = "path") -> Path:
+    """Path(text).expanduser(), with "~someone" that names no user as one line, not a RuntimeError."""
+    check_path_text(text, what)
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        raise ReadError(f"{what} {text[:80]!r}: '~' names no home directory here; write the path out") from None
+
+
 def read_text(path: Path | str, *, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
     """The UTF-8 text of a regular file of at most `max_bytes` bytes, or one ReadError line."""
     check_path_text(str(path))
@@ -143,6 +152,11 @@ def _bracket_depth(text: str) -> int:
 def compose_yaml(text: str, label: str) -> yaml.Node | None:
     """The YAML node graph of one document, its expanded size and depth bounded before anything is
     constructed from it. YAMLError passes through for the caller's line-numbered message."""
+    # libyaml's parser recurses in C: tens of thousands of levels crash the process before any node
+    # exists to count, so nesting is bounded on the text first (flow brackets, and block indentation
+    # with the "- " of compact sequences).
+    if _bracket_depth(text) > MAX_DEPTH or _block_depth(text) > MAX_BLOCK_COLUMNS:
+        raise ReadError(f"{label}: YAML nested more than {MAX_DEPTH} levels deep")
     try:
         node = yaml.compose(text, Loader=_YAML_LOADER)
     except RecursionError:
@@ -150,6 +164,24 @@ def compose_yaml(text: str, label: str) -> yaml.Node | None:
     if node is not None:
         _check_yaml_size(node, label)
     return node
+
+
+# Block nesting costs at least one column per level; real cards indent 2 per level, ~5 levels deep.
+MAX_BLOCK_COLUMNS = 4 * MAX_DEPTH
+
+
+def _block_depth(text: str) -> int:
+    """The most columns of indentation, compact "- " indicators included, on any line."""
+    deepest = 0
+    for line in text.splitlines():
+        body = line.lstrip(" \t")
+        cols = len(line) - len(body)
+        while body.startswith(("- ", "? ")):
+            stripped = body[2:].lstrip(" ")
+            cols += len(body) - len(stripped)
+            body = stripped
+        deepest = max(deepest, cols)
+    return deepest
 
 
 def _check_yaml_size(root: yaml.Node, label: str) -> None:
@@ -204,6 +236,9 @@ def construct_yaml(node: yaml.Node | None, label: str) -> Any:
         return loader.construct_document(node)
     except RecursionError:
         raise ReadError(f"{label}: YAML nested too deeply") from None
+    except ValueError as exc:  # an integer of more than 4,300 digits (Python's int() limit)
+        raise ReadError(f"{label}: a YAML value cannot be read ({str(exc).split(':')[0]}); no count or size "
+                        "needs that many digits") from None
     finally:
         loader.dispose()
 

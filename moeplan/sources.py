@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 
 from moeplan.errors import ConfigError, UnknownModelError
-from moeplan.safeio import check_path_text, load_yaml, loads_json, read_text
+from moeplan.safeio import check_path_text, expand_user, load_yaml, loads_json, read_text
 from moeplan.spec import ModelSpec, first_error, spec_from_config
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?$")
@@ -88,7 +88,7 @@ def find_card(name: str) -> Card | None:
     key = name.strip().lower()
     # The common case first: a card's own name is its file's stem, so one file is read, not all.
     path = cards_dir() / f"{key}.yaml"
-    if key and "/" not in key and "\\" not in key and not key.startswith(".") and path.is_file():
+    if key and len(key) <= 200 and "/" not in key and "\\" not in key and not key.startswith(".") and path.is_file():
         card = _card_at(path)
         if card.name == key:
             return card
@@ -106,6 +106,11 @@ def spec_from_card_data(data: Any, *, label: str) -> ModelSpec:
         raise ConfigError(f"{label}: a model card must be a YAML mapping")
     name = str(data.get("name") or Path(label).stem)
     hub_id = data.get("hub_id")
+    # The hub_id goes into launch commands (`vllm serve HUB_ID`): a Hub id, never an option ("-h",
+    # "--trust-remote-code") or anything else a shell or an engine would read as more than a name.
+    if hub_id is not None and (not isinstance(hub_id, str) or not HUB_ID.match(hub_id) or ".." in hub_id):
+        raise ConfigError(f"{label}: hub_id must be a Hub repo id such as mistralai/Mixtral-8x7B-v0.1, got "
+                          f"{str(hub_id)[:60]!r}; fix the card")
     source = data.get("source")
     if isinstance(data.get("config"), dict):
         return spec_from_config(data["config"], name=name, hub_id=hub_id, source=source)
@@ -144,7 +149,15 @@ def spec_from_path(path: Path) -> ModelSpec:
 
 def looks_like_path(model: str) -> bool:
     return (model.endswith((".json", ".yaml", ".yml")) or model.lower().endswith(".gguf")
-            or model.startswith((".", "/", "~")) or Path(model).exists())
+            or model.startswith((".", "/", "~")) or _exists(model))
+
+
+def _exists(text: str) -> bool:
+    """Path.exists() raises on a name the OS refuses (a component over 255 bytes): that is "no"."""
+    try:
+        return Path(text).exists()
+    except OSError:
+        return False
 
 
 def resolve(model: str, *, from_hub: bool = False) -> ModelSpec:
@@ -154,8 +167,12 @@ def resolve(model: str, *, from_hub: bool = False) -> ModelSpec:
         raise UnknownModelError("no model given; name a card (see `moeplan models`), a Hub id or a path")
     check_path_text(model, "MODEL")
     if looks_like_path(model):
-        path = Path(model).expanduser()
-        if not path.exists():
+        path = expand_user(model, "MODEL")
+        try:
+            found = path.exists()
+        except OSError as exc:  # ENAMETOOLONG and the like
+            raise ConfigError(f"{model[:80]!r}: {exc.strerror or exc}; give a shorter path") from None
+        if not found:
             raise ConfigError(f"{model}: no such file or directory")
         return spec_from_path(path)
     card = None if from_hub else find_card(model)

@@ -534,8 +534,12 @@ class _Cfg:
     def get(self, *keys: str, default: Any = None) -> Any:
         for key in keys:
             node: Any = self.raw
-            for part in key.split("."):
-                if not isinstance(node, dict) or part not in node:
+            parts = key.split(".")
+            for depth, part in enumerate(parts):
+                if node is not None and not isinstance(node, dict):  # dbrx attn_config: [1]
+                    raise ConfigError(f"{self.label}: '{'.'.join(parts[:depth])}' must be an object (it holds "
+                                      f"{key}), got {type(node).__name__}; fix the config")
+                if node is None or part not in node:
                     node = None
                     break
                 node = node[part]
@@ -721,8 +725,8 @@ _LAYER_KINDS: dict[str, tuple[Mixer, dict[str, Any]]] = {
 def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
     label = cfg.label
 
-    def pint(*keys: str) -> int:
-        return _positive_int(_scalar(cfg.need(*keys)), keys[0], label)
+    def pint(*keys: str) -> int:  # model sizes: one number each (Hunyuan's lists are per-layer FFN values)
+        return _positive_int(cfg.need(*keys), keys[0], label)
 
     hidden = pint(*_COMMON_REQUIRED["hidden_size"])
     n_layers = pint(*_COMMON_REQUIRED["num_hidden_layers"])
@@ -791,7 +795,8 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
     # Per-layer FFN kinds: first-k-dense (DeepSeek, GLM), a MoE step (Qwen, Llama 4), mlp_only_layers.
     first_dense = _whole(cfg.get("first_k_dense_replace", default=0) or 0, "first_k_dense_replace", label, 0)
     step_keys = ("decoder_sparse_step", "moe_layer_freq", "interleave_moe_layer_step")
-    step = _whole(cfg.get(*step_keys, default=1) or 1, cfg.which(*step_keys), label, 1)
+    raw_step = cfg.get(*step_keys)  # 0 is an error, not "every layer" (it divides layer indices)
+    step = 1 if raw_step is None else _whole(raw_step, cfg.which(*step_keys), label, 1)
     mlp_only = set(cfg.get("mlp_only_layers", default=[]) or [])
     moe_layers_list = cfg.get("moe_layers")
 

@@ -143,3 +143,39 @@ def test_every_command_help_has_an_example() -> None:
 def test_completion_is_offered() -> None:
     res = runner.invoke(app, ["--help"])
     assert "--install-completion" in res.output
+
+
+def _exit_with_reader_gone(*args: str) -> subprocess.CompletedProcess[str]:
+    """Run moeplan with stdout a pipe whose reader has already left (`moeplan ... | true`)."""
+    read, write = os.pipe()
+    os.close(read)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")} | {"HF_HUB_OFFLINE": "1",
+                                                                               "PYTHONPATH": str(ROOT)}
+    try:
+        return subprocess.run([sys.executable, "-m", "moeplan", *args], stdout=write, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=ROOT, timeout=60)
+    finally:
+        os.close(write)
+
+
+def test_a_reader_that_leaves_never_changes_the_exit_code(tmp_path) -> None:
+    good = tmp_path / "pass.yaml"
+    good.write_text("model: mixtral-8x7b\nengine: vllm\ngpus: 2xA100-80GB\nserving: {context: 4096, batch: 1}\n")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: mixtral-8x7b\nengine: vllm\ngpus: 2xA100-80GB\nserving: {context: 0, batch: 1}\n")
+    for args, code in ((["--version"], 0), (["fit", "--help"], 0), (["check", str(good), "--format", "markdown"], 0),
+                       (["check", str(good), "--format", "github"], 0), (["check", str(bad), "--format", "github"], 2),
+                       (["fit", "mixtral-8x7b", "--gpus", "1x8GB"], 1), (["models", "--json"], 0)):
+        res = _exit_with_reader_gone(*args)
+        assert (res.returncode, res.stderr) == (code, ""), args
+
+
+def test_check_table_at_80_columns_cuts_no_number(tmp_path) -> None:
+    spec = tmp_path / "deploy.yaml"
+    spec.write_text("model: mixtral-8x7b\nengine: vllm\ngpus: 2xA100-80GB\nserving: {context: 4096, batch: 64}\n")
+    narrow, wide = _run("check", str(spec), COLUMNS="80"), _run("check", str(spec), COLUMNS="200")
+    assert narrow.returncode == wide.returncode == 0, narrow.stderr
+    table_lines = [line for line in narrow.stdout.splitlines() if line.startswith(("│", "┃", "┏", "└"))]
+    assert table_lines and max(len(line) for line in table_lines) <= 80 and not any("…" in x for x in table_lines)
+    assert set(NUMBERS.findall("\n".join(table_lines))) <= set(NUMBERS.findall(wide.stdout))
+    assert "decode tok/s" in narrow.stdout  # the figure a check is about stays

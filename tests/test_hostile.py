@@ -221,22 +221,27 @@ def _card_with_hub_id(tmp_path: Path, hub_id: str) -> Path:
 
 def test_emitted_commands_quote_every_token(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
-    evil = f"${{PWD:+$(touch {marker})}}"
-    card = _card_with_hub_id(tmp_path, evil)
+    folder = tmp_path / "${PWD:+$(touch pwned)}"  # a config.json path is the model token of its launch
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(CARD["config"]))
+    evil = str(folder / "config.json")
     for engine in ("vllm", "sglang"):
-        run = moeplan("fit", str(card), "--gpus", "2xH100", "--emit", engine, cwd=tmp_path)
+        run = moeplan("fit", evil, "--gpus", "2xH100", "--emit", engine, cwd=tmp_path)
         assert run.code == 0, run.err
         line = next(x for x in run.out.splitlines() if x.startswith(("vllm ", "python ")))
-        assert evil in shlex.split(line)  # one token, as written
+        assert any(folder.name in token for token in shlex.split(line))  # one token, as written
         subprocess.run(["bash", "-c", f"set -- {line}"], check=True, cwd=tmp_path)  # the shell expands nothing
         assert not marker.exists()
 
 
-def test_control_characters_never_reach_a_launch_command(tmp_path: Path) -> None:
-    card = _card_with_hub_id(tmp_path, "org/x\n::error::pwned")
+@pytest.mark.parametrize("hub_id", ["${PWD:+$(touch x)}", "--trust-remote-code", "-h", "--model=evil", "org/a;b",
+                                    "org/x\n::error::pwned", "org/\u202etxt", "../../etc", 7])
+def test_card_hub_ids_that_are_not_hub_ids_are_refused(tmp_path: Path, hub_id: object) -> None:
+    card = _card_with_hub_id(tmp_path, hub_id)  # type: ignore[arg-type]
     run = moeplan("fit", str(card), "--gpus", "2xH100", "--emit", "vllm")
     assert not any(line.startswith("::") for line in run.out.splitlines())
-    assert run.code == 2 and "control characters" in run.err
+    assert run.code == 2 and "hub_id must be a Hub repo id" in run.err and run.out == ""
+    assert run.err.count("\n") == 1
 
 
 def test_spec_file_names_cannot_start_lines(tmp_path: Path) -> None:
@@ -346,3 +351,88 @@ def test_json_never_holds_infinity() -> None:
     from moeplan.cli import _finite
 
     assert _finite({"a": float("inf"), "b": [float("nan"), 1.5]}) == {"a": None, "b": [None, 1.5]}
+
+
+# ------------------------------------------------------------------------------------------------
+# A second red-team pass (2026-12-03): the classes it found, each as one line and exit 2
+# ------------------------------------------------------------------------------------------------
+
+
+def test_yaml_nested_past_the_c_parsers_stack_is_refused_not_a_crash(tmp_path: Path) -> None:
+    flow = tmp_path / "flow.yaml"
+    flow.write_text("name: x\nconfig: " + "{a: " * 30_000 + "1" + "}" * 30_000 + "\n")
+    block = tmp_path / "block.yaml"
+    block.write_text("name: x\nconfig:\n" + "".join(" " * (i + 1) + "a:\n" for i in range(3000)) + " " * 3001 + "b: 1\n")
+    dashes = tmp_path / "dashes.yaml"
+    dashes.write_text("name: x\nconfig: \n" + "- " * 20_000 + "1\n")
+    for path in (flow, block, dashes):
+        bad_input(moeplan("params", str(path)), "nested more than 64 levels")
+    spec = tmp_path / "deep.yaml"
+    spec.write_text("model: mixtral-8x7b\nengine: vllm\ngpus: 2xH100\nserving: " + "[" * 30_000 + "]" * 30_000 + "\n")
+    run = moeplan("check", str(spec))
+    assert run.code == 2 and "nested more than 64 levels" in run.out, (run.code, run.err[-300:])
+
+
+def test_yaml_integers_beyond_pythons_digit_limit(tmp_path: Path) -> None:
+    card = tmp_path / "big.yaml"
+    card.write_text(yaml.safe_dump({**CARD, "name": "big"}).replace("hidden_size: 4096", "hidden_size: " + "9" * 5000))
+    bad_input(moeplan("params", str(card)), "a YAML value cannot be read")
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ({"quantization_config": {"quant_method": "gptq", "bits": "abc", "group_size": 128}}, "needs bits 4 or 8"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": [128]}}, "needs bits 4 or 8"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128}}, "needs bits 4 or 8"),
+    ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [1, 1]}}, "weight_block_size"),
+    ({"quantization_config": {"quant_method": "gguf"}}, "only the file carries"),
+    ({"decoder_sparse_step": 0, "model_type": "qwen3_moe"}, "'decoder_sparse_step' must be positive"),
+    ({"num_hidden_layers": [32]}, "'num_hidden_layers' must be a whole number"),
+])
+def test_config_values_a_validator_let_through(tmp_path: Path, changes: dict[str, object], needle: str) -> None:
+    bad_input(moeplan("memory", str(write_config(tmp_path, **changes))), needle)
+
+
+def test_a_nested_key_under_a_non_object(tmp_path: Path) -> None:
+    dbrx = yaml.safe_load((ROOT / "model_cards" / "dbrx.yaml").read_text())["config"]
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**dbrx, "attn_config": [1]}))
+    bad_input(moeplan("params", str(path)), "'attn_config' must be an object")
+
+
+def test_bitsandbytes_8bit_is_sized_as_8_bits(tmp_path: Path) -> None:
+    path = write_config(tmp_path, quantization_config={"quant_method": "bitsandbytes", "load_in_8bit": True})
+    run = moeplan("memory", str(path), "--json")
+    assert run.code == 0 and json.loads(run.out)["quant"] == "int8"
+
+
+def test_paths_and_flags_that_used_to_escape(tmp_path: Path) -> None:
+    bad_input(moeplan("params", "~nosuchuser_moeplan/config.json"), "names no home directory")
+    bad_input(moeplan("params", "a" * 300), "unknown model")
+    bad_input(moeplan("params", str(tmp_path / ("b" * 300) / "config.json")), "File name too long")
+    bad_input(moeplan("perf", "mixtral-8x7b", "--gpus", "2xH100", "--price", "H100=1,H100=2"), "priced twice")
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps([[1e308, 1e308] + [1] * 6] * 32))
+    bad_input(moeplan("perf", "mixtral-8x7b", "--gpus", "8xH100", "--tp", "8", "--ep", "8", "--routing", str(huge)),
+              "span more than 1e300")
+    fifo = tmp_path / "plot.svg"
+    os.mkfifo(fifo)
+    bad_input(moeplan("fit", "mixtral-8x7b", "--gpus", "2xH100", "--plot", str(fifo)), "not a regular file")
+
+
+def test_error_lines_show_escapes_and_stay_bounded() -> None:
+    run = moeplan("params", "mix\x1b[31mtral")
+    bad_input(run, "mix\\x1b[31mtral")
+    assert "\x1b" not in run.err
+    long = moeplan("fit", "mixtral-8x7b", "--gpus", "x" * 100_000)
+    bad_input(long, "more characters)")
+    assert len(long.err) < 2_200
+
+
+def test_emit_that_fails_still_prints_the_plan_and_batch_one_warns() -> None:
+    run = moeplan("fit", "qwen3-30b-a3b", "--gpus", "1xRTX4090", "--quant", "q4_k_m", "--emit", "vllm")
+    assert run.code == 2 and run.out.startswith("FITS: qwen3-30b-a3b")
+    assert run.err.count("\n") == 1 and "--emit vllm: no plan in the shortlist runs on vllm" in run.err
+    one = moeplan("fit", "mixtral-8x7b", "--gpus", "2xH100", "--emit", "vllm")
+    assert one.code == 0 and "# warning: this server takes one request at a time" in one.out
+    many = moeplan("fit", "mixtral-8x7b", "--gpus", "2xH100", "--emit", "vllm", "--batch", "16")
+    assert many.code == 0 and "one request at a time" not in many.out

@@ -192,13 +192,15 @@ def test_routing_files(tmp_path):
     (json.dumps([[1, 2, 3]]), "has 3 expert frequencies, the model has 8"),
     (json.dumps([[1, -2, 3, 1, 1, 1, 1, 1]]), "negative"),
     (json.dumps([[1] * 8] * 5), "5 layers of frequencies for 32 MoE layers"),
-    ("not,a,number\n1,x,2\n", "not numbers"),
+    ("not,a,number\n1,x,2\n", "line 2 is not comma-separated numbers"),
+    ("1,1,1,1,1,1,1,1\nSECRET=hunter2\n", "line 2 is not comma-separated numbers"),
 ])
 def test_bad_routing_files_exit_2(tmp_path, content, needle):
     path = tmp_path / "bad.json" if content.startswith("[") else tmp_path / "bad.csv"
     path.write_text(content)
     res = runner.invoke(app, ["perf", "mixtral-8x7b", "--gpus", "8xH100", "--routing", str(path)])
     assert res.exit_code == 2 and needle in res.output and "Traceback" not in res.output
+    assert "hunter2" not in res.output  # a file's lines are named by number, never echoed
 
 
 @pytest.mark.parametrize(("args", "needle"), [

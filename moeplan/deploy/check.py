@@ -416,5 +416,8 @@ def emit_for_fit(
     if res.best is not None and plan is not res.best:
         notes.insert(0, f"{eng} runs {plan.quant} {plan.layout}, not the best plan overall "
                         f"({res.best.quant} {res.best.layout})")
+    if serving.batch == 1:
+        notes.insert(0, "warning: this server takes one request at a time (planned for --batch 1); plan with "
+                        "--batch N for N concurrent users")
     # Notes quote user text (model names): printable, so none can end the comment and start a command.
     return "\n".join([run.command, *(f"# {printable(n)}" for n in notes)])

@@ -290,7 +290,10 @@ def _error_message(err: Any) -> str:
         return "required field is missing"
     if kind == "value_error":
         return str(err["msg"]).removeprefix("Value error, ")
-    return f"{err['msg']} (got {err['input']!r})"
+    got = repr(err["input"])
+    if len(got) > 200:  # a value megabytes long is named by its start, not echoed whole
+        got = got[:200] + f"... ({len(got):,} characters)"
+    return f"{err['msg']} (got {got})"
 
 
 def load_spec(path: str | Path) -> DeploySpec:
