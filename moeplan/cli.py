@@ -841,7 +841,8 @@ def _check_table(results: list[Any]) -> None:
             for note in r.command_notes:
                 out.print(f"  [dim]- {escape(printable(note))}[/dim]", soft_wrap=True)
         for note in r.notes:
-            out.print(f"  [dim]note: {escape(printable(note))}[/dim]", soft_wrap=True)
+            if not note.startswith("ranked for "):  # the same for every spec: --format json keeps it
+                out.print(f"  [dim]note: {escape(printable(note))}[/dim]", soft_wrap=True)
 
 
 _SCHEMA_KINDS = ("spec", "fit", "perf", "memory", "params", "check", "compare")

@@ -983,7 +983,7 @@ def _family(cfg: _Cfg, model_type: str, f: dict[str, Any]) -> None:
         width = int(get("shared_expert_intermediate_size", default=0) or 0)
         f.update(num_shared_experts=1 if width else 0, shared_expert_intermediate_size=width)
         f.update(shared_expert_gate=bool(width), qkv_bias=True, o_bias=False)
-    elif model_type in ("qwen3_moe", "qwen3"):
+    elif model_type in ("qwen3_moe", "qwen3", "qwen3_vl_moe", "qwen3_vl"):  # Qwen3-VL text: Qwen3's attention
         f.update(qk_norm="per_head", o_bias=False)
     elif model_type == "qwen2":
         f.update(qkv_bias=True, o_bias=False)

@@ -369,3 +369,55 @@ def test_gemma3_counts_its_siglip_tower_and_projector() -> None:
     spec = spec_from_config(bare, name="gemma-3-27b")
     assert count_params(spec).total_params == 27_432_406_640 - 423_060_336
     assert spec.notes == ("vision tower not counted: vision_config (siglip_vision_model) gives no sizes",)
+
+
+# Qwen/Qwen3-VL-30B-A3B-Instruct's config.json (the Hub; the keys that size it). 31,070,754,032 is what
+# transformers 5.23's Qwen3VLMoeForConditionalGeneration holds for it on the meta device (counted here
+# on 2026-12-03); the text model's attention is Qwen3's, with per-head q/k norms.
+QWEN3_VL_30B: dict[str, Any] = {'architectures': ['Qwen3VLMoeForConditionalGeneration'],
+ 'model_type': 'qwen3_vl_moe',
+ 'image_token_id': 151655,
+ 'video_token_id': 151656,
+ 'vision_start_token_id': 151652,
+ 'vision_end_token_id': 151653,
+ 'tie_word_embeddings': False,
+ 'text_config': {'model_type': 'qwen3_vl_moe_text',
+                 'hidden_size': 2048,
+                 'num_hidden_layers': 48,
+                 'num_attention_heads': 32,
+                 'num_key_value_heads': 4,
+                 'head_dim': 128,
+                 'moe_intermediate_size': 768,
+                 'num_experts': 128,
+                 'num_experts_per_tok': 8,
+                 'vocab_size': 151936,
+                 'intermediate_size': 6144,
+                 'decoder_sparse_step': 1,
+                 'mlp_only_layers': [],
+                 'rms_norm_eps': 1e-06,
+                 'max_position_embeddings': 262144,
+                 'tie_word_embeddings': False,
+                 'hidden_act': 'silu',
+                 'rope_theta': 5000000,
+                 'rope_scaling': {'mrope_interleaved': True,
+                                  'mrope_section': [24, 20, 20],
+                                  'rope_type': 'default'},
+                 'attention_bias': False,
+                 'norm_topk_prob': True},
+ 'vision_config': {'model_type': 'qwen3_vl_moe',
+                   'depth': 27,
+                   'hidden_size': 1152,
+                   'intermediate_size': 4304,
+                   'num_heads': 16,
+                   'out_hidden_size': 2048,
+                   'patch_size': 16,
+                   'spatial_merge_size': 2,
+                   'temporal_patch_size': 2,
+                   'deepstack_visual_indexes': [8, 16, 24],
+                   'num_position_embeddings': 2304,
+                   'in_channels': 3,
+                   'hidden_act': 'gelu_pytorch_tanh'}}
+
+
+def test_qwen3_vl_moe_wrapper_counts_like_transformers() -> None:
+    assert count_params(spec_from_config(QWEN3_VL_30B, name="qwen3-vl-30b-a3b")).total_params == 31_070_754_032
