@@ -144,7 +144,7 @@ def verdict(rows: list[CompareRow], batch: int, common: int) -> list[str]:
         why = f"a token reads {gb_fast:,.1f} GB of its weights against {gb_slow:,.1f} GB (weight reads decide batch-1 decode)"
     else:  # at a batch, or as many weights per token: the step's own reads and FLOPs say it
         why = (f"a step at batch {batch} reads {(fast.decode_bytes_per_step or 0) / 1e9:,.2f} GB on the busiest GPU "
-               f"against {(slow.decode_bytes_per_step or 0) / 1e9:,.2f} GB and computes "
+               f"(of each pipeline stage, summed) against {(slow.decode_bytes_per_step or 0) / 1e9:,.2f} GB and computes "
                f"{(fast.decode_flops_per_step or 0) / 1e12:,.2f} against {(slow.decode_flops_per_step or 0) / 1e12:,.2f} "
                "TFLOP")
     out.append(f"latency: {fast.model} decodes {ratio:,.2f}x faster per user at batch {batch} "

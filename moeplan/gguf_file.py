@@ -811,11 +811,12 @@ def file_scheme(spec: ModelSpec) -> QuantScheme:
     if qc.get("quant_method") != QUANT_METHOD:
         raise QuantError(f"--quant {FILE_SCHEME} sizes a GGUF file's own tensors; {spec.name} was not read from a "
                          "GGUF file")
-    stored_bytes: dict[str, int] = qc.get("component_bytes") or {}
+    stored_bytes = qc.get("component_bytes") or {}
     count = count_params(spec)
     weights = {c.name: c.total for c in count.components if c.total}
-    placed = {c: b for c, b in stored_bytes.items() if c in weights}
-    if not isinstance(stored_bytes, dict) or sum(placed.values()) <= 0:  # a config.json that only says "gguf"
+    sane = isinstance(stored_bytes, dict) and all(type(b) is int and b >= 0 for b in stored_bytes.values())
+    placed = {c: b for c, b in stored_bytes.items() if c in weights} if sane else {}
+    if sum(placed.values()) <= 0:  # a config.json that only says "gguf", or says it with junk
         raise QuantError(f"{spec.name}: quant_method 'gguf' names a GGUF file's own tensor types, which only the "
                          "file carries: give the .gguf file as MODEL, or pass --quant (e.g. q4_k_m)")
     mean = 8 * sum(placed.values()) / max(sum(weights[c] for c in placed), 1)

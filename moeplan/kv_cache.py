@@ -296,9 +296,11 @@ def decode_read_bytes(spec: ModelSpec, layer: LayerSpec, context: int, kv_bytes:
     return total
 
 
-def attention_flops(spec: ModelSpec, layer: LayerSpec, tokens: int, context: int) -> float:
-    """Score and value FLOPs of `tokens` queries against `context` cached tokens in `layer` (projections
-    are counted with the weights). Sources:
+def attention_flops(spec: ModelSpec, layer: LayerSpec, tokens: int, context: int, seqs: int = 1) -> float:
+    """Score and value FLOPs of `seqs` sequences, each with `tokens` new queries (the last `tokens` of
+    `context`: a decode step has 1, a prefill chunk many), in `layer` (projections are counted with the
+    weights). A batch of decode tokens is `seqs` sequences of one token, not one sequence of many.
+    Sources:
     - GQA: 4 x heads x head_dim x keys (QK^T and AV).
     - MLA absorbed: 2 x heads x (2 x kv_lora_rank + qk_rope_head_dim) x keys (DeepSeek-V2 appendix);
       with a DSA indexer attention scores the top-k keys and the indexer 2 x n_heads x head_dim x all.
@@ -307,6 +309,10 @@ def attention_flops(spec: ModelSpec, layer: LayerSpec, tokens: int, context: int
     - Gated DeltaNet: a constant ~6 x v_heads x key_head_dim x value_head_dim per token (state decay,
       delta update and readout), whatever the context.
     - Mamba: not charged (its scan is small beside the projections)."""
+    return seqs * _attention_flops_one(spec, layer, tokens, context)
+
+
+def _attention_flops_one(spec: ModelSpec, layer: LayerSpec, tokens: int, context: int) -> float:
     if layer.mixer == "mamba":
         return 0.0
     if layer.mixer == "linear":

@@ -46,8 +46,9 @@ from moeplan.spec import LayerSpec, ModelSpec
 
 class Efficiency(BaseModel):
     """Fractions of peak reached in practice. Memory: per engine class, fitted on the validation
-    fitting set (ENGINE_MEMORY_EFFICIENCY below); 0.80 here, aiconfigurator's HBM derate ([aic]
-    systems/*.yaml, mem_bw x 0.8), only where no class applies. Compute 0.60, the large-GEMM efficiency vLLM and
+    fitting set (ENGINE_MEMORY_EFFICIENCY below), which default_efficiency uses; the 0.80 here,
+    aiconfigurator's HBM derate ([aic] systems/*.yaml, mem_bw x 0.8), is only an Efficiency() made
+    directly (tests, bench). Compute 0.60, the large-GEMM efficiency vLLM and
     SGLang prefill reach on H100 (MFU reports of 50-70% for bf16 GEMMs; aiconfigurator's measured
     GEMM tables). Replaced by `moeplan bench --save-calibration` when a calibration exists."""
 
@@ -270,7 +271,7 @@ def step_cost(
             # The cache this layer reads (KV rows, a sparse top-k, fixed states read and written) and
             # its score FLOPs, from the one per-layer ledger (moeplan.kv_cache).
             b += attn_seqs * decode_read_bytes(spec, layer, context, kvb, tp)
-            f += attention_flops(spec, layer, attn_tokens, context) / tp
+            f += attention_flops(spec, layer, tokens_per_seq, context, seqs=attn_seqs) / tp
             t_c = f / flops_rate
             t_m = b / bw
             t_comm = 0.0
@@ -477,7 +478,8 @@ def speed(
         cached = offload_speed(slots=o.cache_slots, ram_share=min(1.0, o.cpu_budget_bytes / max(every, 1)),
                                **{**common, "base_tpot_s": resident.seconds, "offloaded_layers": o.moe_layers})  # type: ignore[arg-type]
         offload_fields = {"offload_p99_tpot_s": tpot + tiers.p99_tpot_s - tiers.mean_tpot_s,
-                          "cache_hit_rate": cached.hit_rate, "cache_tpot_s": cached.mean_tpot_s,
+                          "cache_hit_rate": cached.hit_rate, "cache_locality": locality,
+                          "cache_tpot_s": cached.mean_tpot_s,
                           "cache_p99_tpot_s": cached.p99_tpot_s}
     cap = min(max(plan.max_batch, sc.batch), max_num_seqs(engine, gpus)) if plan.max_batch else sc.batch
     cap_s = tpot if cap == sc.batch else step(1, cap, sc.context).seconds

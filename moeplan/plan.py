@@ -100,6 +100,7 @@ class Speed(BaseModel):
     # engine with an LRU GPU expert cache of the plan's slots would give.
     offload_p99_tpot_s: float | None = None
     cache_hit_rate: float | None = None
+    cache_locality: float | None = None  # the locality the hit rate used (the routing's reuse when higher)
     cache_tpot_s: float | None = None
     cache_p99_tpot_s: float | None = None
 

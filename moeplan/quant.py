@@ -334,10 +334,13 @@ def native_scheme(spec: ModelSpec) -> QuantScheme:
         return get_scheme("mxfp4")
     if method in ("gptq", "awq"):
         bits, group = qc.get("bits", 4), qc.get("group_size", 128)
-        if type(bits) is not int or bits not in (4, 8) or type(group) is not int or not -1 <= group <= 4096:
-            raise ConfigError(f"{spec.name}: {method} quantization_config needs bits 4 or 8 and an integer "
-                              f"group_size (-1 for none), got bits {str(bits)[:20]!r}, group_size "
-                              f"{str(group)[:20]!r}; fix the config or pass --quant")
+        if type(bits) is not int or type(group) is not int or not -1 <= group <= 4096:
+            raise ConfigError(f"{spec.name}: {method} quantization_config needs integer bits and group_size (-1 for "
+                              f"none), got bits {str(bits)[:20]!r}, group_size {str(group)[:20]!r}; fix the config "
+                              "or pass --quant")
+        if bits not in (4, 8):  # real 2- and 3-bit GPTQ checkpoints exist; moeplan has no scheme for them
+            raise QuantError(f"{spec.name}: {bits}-bit {method} is not a format moeplan sizes (4 and 8 bits are); "
+                             "pass --quant int4 for an upper bound, or --quant q3_k_m / q2_k for a GGUF estimate")
         if bits == 4:
             return get_scheme(f"{method}-g{group}" if group > 0 else method)
         return get_scheme("int8")

@@ -203,7 +203,7 @@ def fit_verdict(res: FitResult) -> Text:
                          " ms p99")
             if sp.cache_tpot_s is not None:
                 lines.append(f"  an engine with a GPU expert cache (every layer's experts in RAM, {o.cache_slots} slot{'' if o.cache_slots == 1 else 's'} "
-                             f"per layer on the GPU, LRU, locality {o.locality:g}): hit rate "
+                             f"per layer on the GPU, LRU, locality {sp.cache_locality or o.locality:.2g}): hit rate "
                              f"{sp.cache_hit_rate:.0%}, {sp.cache_tpot_s * 1e3:,.1f} ms mean, "
                              f"{(sp.cache_p99_tpot_s or 0) * 1e3:,.1f} ms p99 (misses over PCIe)")
         return Text("\n".join(lines), style="bold yellow")

@@ -124,8 +124,10 @@ def _bounded_int(text: str) -> int:
     return int(text)
 
 
-def _bracket_depth(text: str) -> int:
-    """Deepest [ / { nesting outside strings (a cheap scan before the recursive parser)."""
+def _bracket_depth(text: str, quotes: bool = True) -> int:
+    """Deepest [ / { nesting outside strings (a cheap scan before the recursive parser). YAML has
+    comments and single-quoted strings a double-quote scan would misread (a stray `"` in a comment
+    would switch counting off), so for YAML every bracket counts: over-counting only refuses sooner."""
     depth = deepest = 0
     in_string = escaped = False
     for ch in text:
@@ -136,7 +138,7 @@ def _bracket_depth(text: str) -> int:
                 escaped = True
             elif ch == '"':
                 in_string = False
-        elif ch == '"':
+        elif ch == '"' and quotes:
             in_string = True
         elif ch in "[{":
             depth += 1
@@ -145,7 +147,7 @@ def _bracket_depth(text: str) -> int:
                 if deepest > MAX_DEPTH:
                     return deepest
         elif ch in "]}":
-            depth -= 1
+            depth = max(depth - 1, 0)  # stray closers (in a comment, say) cannot bank depth for later
     return deepest
 
 
@@ -155,7 +157,7 @@ def compose_yaml(text: str, label: str) -> yaml.Node | None:
     # libyaml's parser recurses in C: tens of thousands of levels crash the process before any node
     # exists to count, so nesting is bounded on the text first (flow brackets, and block indentation
     # with the "- " of compact sequences).
-    if _bracket_depth(text) > MAX_DEPTH or _block_depth(text) > MAX_BLOCK_COLUMNS:
+    if _bracket_depth(text, quotes=False) > MAX_DEPTH or _block_depth(text) > MAX_BLOCK_COLUMNS:
         raise ReadError(f"{label}: YAML nested more than {MAX_DEPTH} levels deep")
     try:
         node = yaml.compose(text, Loader=_YAML_LOADER)

@@ -367,8 +367,15 @@ def test_yaml_nested_past_the_c_parsers_stack_is_refused_not_a_crash(tmp_path: P
     dashes.write_text("name: x\nconfig: \n" + "- " * 20_000 + "1\n")
     for path in (flow, block, dashes):
         bad_input(moeplan("params", str(path)), "nested more than 64 levels")
+    # A quote in a comment or a single-quoted string must not switch the bracket count off, and closers
+    # written first (in a comment) must not bank depth for the openers after them.
+    for i, lead in enumerate(('name: x  # "\n', "name: 'a\"b'\n", "# " + "]" * 40_000 + "\nname: x\n")):
+        tricky = tmp_path / f"tricky{i}.yaml"
+        tricky.write_text(lead + "config: " + "[" * 30_000 + "]" * 30_000 + "\n")
+        bad_input(moeplan("params", str(tricky)), "nested more than 64 levels")
     spec = tmp_path / "deep.yaml"
-    spec.write_text("model: mixtral-8x7b\nengine: vllm\ngpus: 2xH100\nserving: " + "[" * 30_000 + "]" * 30_000 + "\n")
+    spec.write_text("model: mixtral-8x7b  # \"\nengine: vllm\ngpus: 2xH100\nserving: " + "[" * 30_000
+                    + "]" * 30_000 + "\n")
     run = moeplan("check", str(spec))
     assert run.code == 2 and "nested more than 64 levels" in run.out, (run.code, run.err[-300:])
 
@@ -380,11 +387,14 @@ def test_yaml_integers_beyond_pythons_digit_limit(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("changes", "needle"), [
-    ({"quantization_config": {"quant_method": "gptq", "bits": "abc", "group_size": 128}}, "needs bits 4 or 8"),
-    ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": [128]}}, "needs bits 4 or 8"),
-    ({"quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128}}, "needs bits 4 or 8"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": "abc", "group_size": 128}}, "needs integer bits"),
+    ({"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": [128]}}, "needs integer bits"),
+    ({"quantization_config": {"quant_method": "gptq", "bits": 3, "group_size": 128}}, "3-bit gptq is not a format"),
     ({"quantization_config": {"quant_method": "fp8", "weight_block_size": [1, 1]}}, "weight_block_size"),
     ({"quantization_config": {"quant_method": "gguf"}}, "only the file carries"),
+    ({"quantization_config": {"quant_method": "gguf", "component_bytes": [1, 2]}}, "only the file carries"),
+    ({"quantization_config": {"quant_method": "gguf", "component_bytes": {"routed_experts": "big"}}},
+     "only the file carries"),
     ({"decoder_sparse_step": 0, "model_type": "qwen3_moe"}, "'decoder_sparse_step' must be positive"),
     ({"num_hidden_layers": [32]}, "'num_hidden_layers' must be a whole number"),
 ])

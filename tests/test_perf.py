@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from moeplan.cli import app
-from moeplan.hardware import CATALOG
+from moeplan.hardware import CATALOG, parse_gpus
 from moeplan.layout import Layout
 from moeplan.params import EMBEDDING, count_params
 from moeplan.perf import distinct_experts, distinct_experts_per_rank, step_cost
@@ -230,3 +230,20 @@ def test_a_spec_can_force_its_layout(tmp_path):
                     "layout: {tp: 3}\n")
     res = runner.invoke(app, ["check", str(spec)])
     assert res.exit_code == 2 and "layout" in res.output
+
+
+def test_a_decode_batch_is_many_sequences_of_one_token():
+    """Decode attention at batch B is B sequences each reading the whole context, not one sequence of
+    B consecutive positions (which a causal count would halve): for a dense model every FLOP of a
+    decode step scales with the batch."""
+    from moeplan.sources import resolve
+
+    spec = resolve("llama-2-70b")
+    layout = Layout(tp=1, ep=1, pp=1, dp_attention=False, stage_layers=(spec.num_layers,))
+    gpus, _ = parse_gpus("1xH100")
+
+    def flops(batch):
+        return step_cost(spec, get_scheme("bf16"), layout, gpus, tokens_per_seq=1, batch=batch,
+                         context=8192).flops
+
+    assert flops(64) == pytest.approx(64 * flops(1), rel=1e-9)

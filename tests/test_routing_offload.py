@@ -407,3 +407,35 @@ def test_plain_mxfp4_offloads_as_mxfp4_moe(tmp_path):
     (entry,) = json.loads(runner.invoke(app, ["check", str(spec), "--format", "json"]).stdout)
     assert entry["exit_code"] == 0 and entry["fits"] == "offload" and entry["engine"] == "llama.cpp"
     assert "MXFP4_MOE" in entry["command"]
+
+
+def test_check_tries_smaller_precisions_before_refusing_replicas(tmp_path):
+    spec = tmp_path / "replicas.yaml"
+    spec.write_text("model: qwen3-30b-a3b\nengine: sglang\ngpus: 2xL40S\nlayout: {tp: 2, ep: 2}\n"
+                    "serving: {context: 4096, batch: 8, redundant_experts: 128}\n")
+    (entry,) = json.loads(runner.invoke(app, ["check", str(spec), "--format", "json"]).stdout)
+    fit = json.loads(runner.invoke(app, ["fit", "qwen3-30b-a3b", "--gpus", "2xL40S", "--tp", "2", "--ep", "2",
+                                         "--redundant-experts", "128", "--json"]).stdout)
+    # bf16 cannot hold 128 replicas beside the model; fp8 can: check finds it as fit does.
+    assert fit["fits"] is True and entry["exit_code"] == 0 and entry["plan"]["quant"] == fit["best"]["quant"]
+
+
+def test_the_cheapest_note_counts_the_offload_plan_checked(tmp_path):
+    spec = tmp_path / "offload.yaml"
+    spec.write_text("model: mixtral-8x22b\nengine: llamacpp\ngpus: 1xRTX4090\nprice: 0.5\n"
+                    "serving: {context: 4096, batch: 1, cpu_mem_gb: 128}\ntargets: {min_decode_tok_per_s: 1}\n")
+    (entry,) = json.loads(runner.invoke(app, ["check", str(spec), "--format", "json"]).stdout)
+    assert entry["exit_code"] == 0 and entry["fits"] == "offload"
+    cheap = entry["cheapest_meeting_targets"]
+    assert cheap is not None and cheap["usd_per_million_output_tokens"] <= \
+        entry["plan"]["speed"]["usd_per_million_output_tokens"]  # fmt: skip
+
+
+def test_the_locality_printed_is_the_one_the_hit_rate_used():
+    base = ["fit", "mixtral-8x7b", "--gpus", "1xRTX4090", "--quant", "q4_k_m", "--cpu-mem", "64GB"]
+    skewed = json.loads(runner.invoke(app, [*base, "--routing", "zipf:1.5", "--json"]).stdout)["best"]["speed"]
+    plain = json.loads(runner.invoke(app, [*base, "--json"]).stdout)["best"]["speed"]
+    assert plain["cache_locality"] == pytest.approx(0.34)
+    assert skewed["cache_locality"] > 0.34  # skewed routing reuses experts more by chance alone
+    text = runner.invoke(app, [*base, "--routing", "zipf:1.5"]).output
+    assert f"locality {skewed['cache_locality']:.2g}" in " ".join(text.split())

@@ -180,10 +180,15 @@ def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes
         if not schemes:
             raise SpecError(spec.path, [SpecProblem(field="layout", line=spec.line_of("layout"), message=(
                 f"{spec.engine} runs no quantization of {model.name} in {request.label}"))])
+    too_many: RedundantExpertsError | None = None
     for scheme in schemes:
-        fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name, kv_dtype=sc.kv_dtype,
-                 mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus, layout=request,
-                 redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)  # fmt: skip
+        try:
+            fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name,
+                     kv_dtype=sc.kv_dtype, mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus,
+                     layout=request, redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)
+        except RedundantExpertsError as exc:  # at this precision; a smaller one may hold the replicas
+            too_many = too_many or exc
+            continue
         notes = [n for n in fr.notes if "--cpu-mem" not in n]
         plan = _engine_plan(spec.engine, fr, model, scheme, gpus, nodes, sc, rank, request)
         if plan is not None:
@@ -205,6 +210,8 @@ def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes
             return _Choice(plan=offload, closest=None, notes=notes)
     elif spec.engine == "llama.cpp" and model.is_moe:
         notes.append("nothing fits on the GPUs: set serving.cpu_mem_gb (host RAM) for an expert-offload plan")
+    if too_many is not None:  # no precision holds the replicas beside the model
+        raise too_many
     closest = min(misses, key=lambda p: p.overflow_bytes, default=None)
     return _Choice(plan=None, closest=closest, notes=notes)
 
@@ -290,9 +297,12 @@ def cheapest_meeting_targets(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu
     request = LayoutRequest(**spec.layout.model_dump()) if spec.layout is not None else None
     best: Plan | None = None
     for scheme in engine_candidates(spec.engine, model, spec.quant, spec.serving.kv_dtype):
-        fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name, kv_dtype=sc.kv_dtype,
-                 mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus, layout=request,
-                 redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)  # fmt: skip
+        try:
+            fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name,
+                     kv_dtype=sc.kv_dtype, mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus,
+                     layout=request, redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)
+        except RedundantExpertsError:  # the replicas do not fit at this precision
+            continue
         for plan in fr.plans:
             usd = plan.speed.usd_per_million_output_tokens if plan.speed else None
             if not plan.fits or usd is None or not engine_runs(spec.engine, plan):
@@ -309,6 +319,11 @@ def _cheapest(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: 
     if spec.price is None or not targets:
         return None, []
     plan = cheapest_meeting_targets(spec, model, gpus, nodes, rank)
+    # The plan checked counts too: an offload plan, or one fit found only over every layout.
+    mine = chosen.speed.usd_per_million_output_tokens if passed and chosen and chosen.speed else None
+    if mine is not None and (plan is None or plan.speed is None or plan.speed.usd_per_million_output_tokens is None
+                             or mine <= plan.speed.usd_per_million_output_tokens):
+        plan = chosen
     if plan is None or plan.speed is None or plan.speed.usd_per_million_output_tokens is None:
         return None, [f"no quantization and layout {spec.engine} runs on {spec.gpus} meets every target"]
     sp = plan.speed
