@@ -5,6 +5,7 @@ Exit codes everywhere: 0 success / fits / passes, 1 does not fit or misses a tar
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -30,6 +31,8 @@ def _kinds(name: str) -> tuple[type[BaseException], ...]:
 _NO_ARGS, _USAGE, _EXIT, _ABORT = (_kinds(n) for n in ("NoArgsIsHelpError", "UsageError", "Exit", "Abort"))
 from rich.console import Console
 from rich.markup import escape
+
+from moeplan.escape import printable
 from typer.core import TyperGroup
 
 from moeplan.errors import MoeplanError
@@ -266,7 +269,7 @@ def params(model: str = ModelArg, as_json: bool = JsonOpt, from_hub: bool = From
     out.print(responsive(params_table(count), drop=("total (exact)",)))
     out.print(params_notes(count))
     for note in spec.notes:
-        out.print(f"[dim]- {escape(note)}[/dim]")
+        out.print(f"[dim]- {escape(printable(note))}[/dim]")
     if stored is not None:
         from moeplan.report import checkpoint_lines
 
@@ -330,7 +333,7 @@ def memory(
         return
     out.print(responsive(memory_table(rep)))
     for note in rep.notes:
-        out.print(f"[dim]- {escape(note)}[/dim]")
+        out.print(f"[dim]- {escape(printable(note))}[/dim]")
 
 
 GpusOpt = typer.Option(..., "--gpus", "-g", help="e.g. 2x24GB, 8xH100, 2xRTX4090, 1xA100-80GB,1xRTX4090")
@@ -460,7 +463,7 @@ def fit_cmd(
               layout=_request(tp, ep, pp, dp_attention), prefer=prefer, redundant_experts=redundant_experts,
               capacity_factor=capacity_factor, offload=_offload_options(cpu_bw, disk_bw, locality, expert_cache, n_cpu_moe))
     command, emit_error = None, None
-    if emit:
+    if emit is not None:  # `--emit ''` is a mistake to say, not a flag to ignore
         try:
             command = _emit(emit, spec, res, gpu_list, rank)
         except MoeplanError as exc:  # the plan is still printed; the failure is one line, exit 2
@@ -491,7 +494,7 @@ def fit_cmd(
         if res.best is not None:
             out.print(memory_bars(res.best, out.width))
         for note in res.notes:
-            out.print(f"[dim]- {escape(note)}[/dim]")
+            out.print(f"[dim]- {escape(printable(note))}[/dim]")
         if command:
             out.print(f"\n[b]launch ({emit}):[/b]")
             out.print(command, markup=False, highlight=False, soft_wrap=True)
@@ -590,7 +593,7 @@ def perf(
                                                       "distinct experts/layer")))
         out.print(sweep_chart(rep, out.width))
     for note in rep.notes:
-        out.print(f"[dim]- {escape(note)}[/dim]")
+        out.print(f"[dim]- {escape(printable(note))}[/dim]")
 
 
 @app.command(name="compare")
@@ -639,7 +642,7 @@ def compare_cmd(
         for line in res.verdict:
             out.print(f"- {escape(line)}")
         for note in res.notes:
-            out.print(f"[dim]- {escape(note)}[/dim]")
+            out.print(f"[dim]- {escape(printable(note))}[/dim]")
     raise typer.Exit(EXIT_OK if any(r.fits for r in res.rows) else EXIT_MISS)
 
 
@@ -763,7 +766,7 @@ def bench(
         for part in bench_renderables(result):
             out.print(part)
         for note in result.notes:
-            out.print(f"[dim]- {escape(note)}[/dim]")
+            out.print(f"[dim]- {escape(printable(note))}[/dim]")
         if saved is not None:
             out.print(f"[dim]calibration saved to {escape(str(saved))}: perf, fit, check and bench read it for "
                       f"{escape(result.gpu)} ({result.dtype})[/dim]")
@@ -929,6 +932,9 @@ def main() -> None:
     os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     if sys.stdout is None:  # started with stdout closed (`moeplan fit ... >&-`)
         _fail("stdout is closed; give somewhere to write (a file or a pipe)")
+    for stream in (sys.stdout, sys.stderr):  # PYTHONIOENCODING=cp1252: a "┏" or a model name cannot crash a run
+        with contextlib.suppress(AttributeError, ValueError):
+            stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     sys.stdout = _ReaderMayLeave(sys.stdout)  # type: ignore[assignment]
     try:
         app()

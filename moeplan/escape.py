@@ -30,8 +30,9 @@ def printable(text: object) -> str:
 
 
 def md_text(text: object) -> str:
-    """Plain text inside Markdown: printable, with Markdown's special characters escaped."""
-    return _MD_SPECIAL.sub(r"\\\1", printable(text))
+    """Plain text inside Markdown: printable, with Markdown's special characters escaped, and "@" as
+    its HTML entity so a name in a pull-request comment cannot mention (notify) a user or team."""
+    return _MD_SPECIAL.sub(r"\\\1", printable(text)).replace("@", "&#64;")
 
 
 def md_code(text: object) -> str:

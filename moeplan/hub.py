@@ -56,10 +56,14 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote, urljoin, urlsplit, urlunsplit
 
 import yaml
-from huggingface_hub import constants
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moeplan.errors import ConfigError, HubError
+
+try:  # huggingface_hub reads HF_ENDPOINT and friends as it is imported
+    from huggingface_hub import constants
+except ValueError as exc:  # HF_ENDPOINT='http://[::1': a URL Python cannot parse
+    raise HubError(f"huggingface_hub cannot start with this environment ({exc}): check HF_ENDPOINT and HF_HOME") from None
 from moeplan.params import count_params, fmt_billions
 from moeplan.spec import ModelSpec, StoredCheckpoint, spec_from_config
 
@@ -477,12 +481,17 @@ class _Session:
             if scheme == "https":
                 return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls_context()), target, {}
             return http.client.HTTPConnection(host, port, timeout=timeout), target, {}
-        proxy_parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        try:
+            proxy_parts = urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            proxy_host = proxy_parts.hostname
+        except ValueError:  # HTTPS_PROXY='http://[bad': not a URL at all
+            raise HubError(f"the {scheme} proxy in the environment is not a URL: set HTTPS_PROXY=http://host:port, "
+                           "or unset it") from None
         try:
             proxy_port = proxy_parts.port or 80
         except ValueError:  # a port that is not a number
             proxy_port = 0
-        if proxy_parts.scheme.lower() != "http" or not proxy_parts.hostname or not proxy_port:
+        if proxy_parts.scheme.lower() != "http" or not proxy_host or not proxy_port:
             raise HubError(
                 f"the {scheme} proxy in the environment ({proxy_parts.scheme}://{proxy_parts.hostname or '?'}) is not "
                 "an http://host:port proxy, the only kind moeplan uses to reach the Hub: set "

@@ -40,9 +40,13 @@ def _pyplot() -> Any:
 def _save(fig: Any, path: Path) -> None:
     from moeplan.safeio import write_atomic
 
+    import warnings
+
     fmt = path.suffix.lower().lstrip(".")
     try:  # whole or not at all: a full disk leaves no half-written plot
-        write_atomic(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"), binary=True)
+        with warnings.catch_warnings():  # matplotlib's layout advice is not the user's to read on stderr
+            warnings.simplefilter("ignore")
+            write_atomic(path, lambda f: fig.savefig(f, format=fmt, bbox_inches="tight"), binary=True)
     except OSError as exc:
         raise MoeplanError(f"cannot write {path}: {exc.strerror or exc}") from None
 
@@ -72,7 +76,8 @@ def plot_sweeps(results: Sequence[Any], path: Path, *, target_tok_per_s: float |
     ax.set_ylabel("output tok/s per user")
     ax.set_title("decode: per-user vs total throughput by batch (hollow: does not fit; star: planned)")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing fits: an empty chart, no legend to draw
+        ax.legend(fontsize=8)
     _save(fig, path)
     plt.close(fig)
 

@@ -629,8 +629,11 @@ def _read_routing_file(path_text: str) -> list[list[float]]:
 
     if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{"):
         data = loads_json(text, f"--routing {path_text}")
-        if isinstance(data, dict):
-            data = data.get("layers", [data[k] for k in sorted(data, key=lambda k: int(k) if str(k).isdigit() else 0)])
+        if isinstance(data, dict):  # {"layers": [...]} or {"0": [...], "1": [...]} keyed by layer
+            def layer_key(k: str) -> int:
+                return int(k) if k.isascii() and k.isdigit() and len(k) < 8 else 0  # "²" is a digit to isdigit()
+
+            data = data.get("layers", [data[k] for k in sorted(data, key=layer_key)])
         if isinstance(data, list) and data and not isinstance(data[0], list):
             return [numbers(data)]
         if not isinstance(data, list):
@@ -641,18 +644,24 @@ def _read_routing_file(path_text: str) -> list[list[float]]:
     # Errors name the line, never its text: a file pointed at by a spec could hold anything (a secret
     # echoed into a CI annotation), and only its numbers are moeplan's business.
     reader = csv.reader(io.StringIO(text))
-    for record in reader:
+    records = []
+    try:
+        records = list(reader)
+    except csv.Error as exc:  # a field past the csv module's 131,072-character limit, a NUL byte
+        raise MoeplanError(f"--routing {path_text}: line {reader.line_num} cannot be read as CSV ({exc}); give "
+                           "one row of comma-separated frequencies per MoE layer") from None
+    for line_num, record in enumerate(records, 1):
         cells = [c.strip() for c in record if c.strip()]
         if not cells:
             continue
         try:
             values = [float(c) for c in cells]
             if not all(math.isfinite(v) for v in values):
-                raise MoeplanError(f"--routing {path_text}: line {reader.line_num} has a value that is not finite")
+                raise MoeplanError(f"--routing {path_text}: line {line_num} has a value that is not finite")
             rows.append(values)
         except ValueError:
             if rows or seen_header:  # one header row is allowed, and only first
-                raise MoeplanError(f"--routing {path_text}: line {reader.line_num} is not comma-separated numbers "
+                raise MoeplanError(f"--routing {path_text}: line {line_num} is not comma-separated numbers "
                                    "(one row of expert frequencies per MoE layer)") from None
             seen_header = True
     return rows

@@ -39,6 +39,12 @@ MAX_PATH_CHARS = 4096
 _YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
+# The process umask, read once at import (reading it means setting it, which threads writing the Hub
+# cache must not race).
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
 class ReadError(ConfigError):
     """A file moeplan was given could not be read as what it should be."""
 
@@ -265,6 +271,7 @@ def write_atomic(path: Path, write: Callable[[Any], None], *, binary: bool = Fal
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the mode any new file gets
         os.replace(tmp, path)
     except BaseException:
         try:

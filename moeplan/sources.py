@@ -26,7 +26,7 @@ from moeplan.errors import ConfigError, UnknownModelError
 from moeplan.safeio import check_path_text, expand_user, load_yaml, loads_json, read_text
 from moeplan.spec import ModelSpec, first_error, spec_from_config
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?\Z")  # \Z: no trailing newline
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?\Z", re.ASCII)  # \Z: no trailing newline
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
 
 from moeplan.errors import ConfigError
 
@@ -321,6 +321,18 @@ class ModelSpec(_Frozen):
     checkpoint: StoredCheckpoint | None = None
     # What the reader could not model or chose to leave out, said once (printed by params/memory).
     notes: tuple[str, ...] = ()
+
+    @field_validator("name", "model_type", "source", "hub_id", mode="after")
+    @classmethod
+    def _printable(cls, value: str | None) -> str | None:
+        """Names come from files, folders, cards and the Hub, and every output prints them (tables,
+        launch-command comments, CI annotations): control characters are kept as escapes, so a
+        newline or a terminal code in a name cannot start a line or drive the terminal."""
+        if value is None:
+            return None
+        from moeplan.escape import printable
+
+        return printable(value)
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:

@@ -446,3 +446,32 @@ def test_emit_that_fails_still_prints_the_plan_and_batch_one_warns() -> None:
     assert one.code == 0 and "# warning: this server takes one request at a time" in one.out
     many = moeplan("fit", "mixtral-8x7b", "--gpus", "2xH100", "--emit", "vllm", "--batch", "16")
     assert many.code == 0 and "one request at a time" not in many.out
+
+
+# A third red-team pass (2026-12-03)
+
+
+def test_names_that_look_like_options_or_hold_newlines_never_reach_output(tmp_path: Path) -> None:
+    dash = tmp_path / "dash.yaml"
+    dash.write_text(yaml.safe_dump({**{k: v for k, v in CARD.items() if k != "hub_id"}, "name": "--trust-remote-code",
+                                    "aliases": []}))
+    run = moeplan("fit", str(dash), "--gpus", "2xH100", "--emit", "vllm")
+    assert run.code == 2 and "starts with '-'" in run.err and "vllm serve --" not in run.out
+    nl = tmp_path / "nl.yaml"
+    nl.write_text(yaml.safe_dump({**CARD, "name": "x\n::error title=A::injected", "aliases": []}))
+    for args in (["params", str(nl)], ["fit", str(nl), "--gpus", "2xH100"]):
+        out = moeplan(*args).out
+        assert not any(line.startswith("::") for line in out.splitlines()) and "\x1b" not in out
+
+
+def test_environment_and_routing_edge_cases_are_one_line(tmp_path: Path) -> None:
+    bad_input(moeplan("params", "someorg/x", env={**_env(), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://[::1"}),
+              "check HF_ENDPOINT")
+    big = tmp_path / "big.csv"
+    big.write_text("1," * 8 + "x" * 200_000 + "\n")
+    bad_input(moeplan("perf", "mixtral-8x7b", "--gpus", "2xH100", "--routing", str(big)), "cannot be read as CSV")
+    cp = moeplan("check", str(ROOT / "examples" / "mixtral-2x4090-pass.yaml"), "--format", "markdown",
+                 env=_env(PYTHONIOENCODING="cp1252"))
+    assert cp.code == 0 and "Traceback" not in cp.err
+    bad_input(moeplan("fit", "mixtral-8x7b", "--gpus", "1xM2-Ultra-192GB", "--emit", "vllm"), "Apple GPUs")
+    bad_input(moeplan("fit", "mixtral-8x7b", "--gpus", "2xH100", "--emit", ""), "unknown engine")

@@ -285,6 +285,10 @@ def check_routing(spec: ModelSpec, routing: str | None) -> Routing:
     return parse_routing(routing, spec.num_experts, spec.num_moe_layers)
 
 
+MAX_REPEATS = 10_000  # a median needs tens; more only makes a run that never ends
+MAX_BENCH_CONTEXT = 1_048_576  # the longest context any model plans for (2^20 tokens)
+
+
 def _defaults(device: str, repeats: int | None) -> tuple[int, int]:
     """(repeats, warmup): a CPU has 2 cores in CI; a GPU has time for more repeats."""
     on_cpu = device != "cuda"
@@ -328,8 +332,11 @@ def run_bench(
     for name, value in (("context", context), ("layers", layers)):
         if value < 1:
             raise MoeplanError(f"--{name} must be at least 1, got {value}")
-    if repeats is not None and repeats < 1:
-        raise MoeplanError(f"--repeats must be at least 1, got {repeats}")
+    if repeats is not None and not 1 <= repeats <= MAX_REPEATS:
+        raise MoeplanError(f"--repeats must be between 1 and {MAX_REPEATS:,}, got {repeats}")
+    if context > MAX_BENCH_CONTEXT:  # its KV cache is allocated for real
+        raise MoeplanError(f"--context {context:,} is more than bench builds ({MAX_BENCH_CONTEXT:,} tokens); "
+                           "plan longer contexts with `moeplan memory` / `perf`")
     if dtype not in DTYPES:
         raise MoeplanError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if device not in ("cuda", "cpu", "mps"):

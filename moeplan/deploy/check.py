@@ -410,6 +410,15 @@ def emit_for_fit(
     shortlisted layouts the engine cannot run (llama.cpp beside a tensor-parallel winner) is
     re-planned over every layout."""
     eng = engine_name(engine)
+    # What `check` refuses in a spec, --emit refuses too: an engine on hardware or hosts it cannot run.
+    if eng != "llama.cpp" and gpus is not None and any(g.unified_memory for g in gpus):
+        raise MoeplanError(f"{eng} does not run on Apple GPUs; use --emit llamacpp")
+    if eng == "llama.cpp" and res.nodes > 1:
+        raise MoeplanError(f"llama-server serves from one host; --nodes {res.nodes} needs vllm or sglang")
+    if eng == "llama.cpp" and res.best is not None and res.best.offload is None and (
+            res.best.tp > 1 or res.best.ep > 1) and all(p.tp > 1 or p.ep > 1 for p in res.plans if p.fits):
+        raise MoeplanError("llama.cpp splits whole layers (one GPU per stage): the forced layout "
+                           f"{res.best.layout} is not one it runs; drop --tp/--ep or use --pp")
     serving = Serving(context=res.context, batch=res.batch, kv_dtype=res.kv_dtype, mem_fraction=res.mem_fraction)
     candidates = [p for p in ([res.best] if res.best else []) + res.plans if p.fits or p.offload]
     if not candidates:

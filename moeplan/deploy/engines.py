@@ -135,6 +135,10 @@ class Launch(BaseModel):
 
     @property
     def command(self) -> str:
+        for token in (*self.env.values(), *self.argv):
+            if printable(token) != token:  # a GGUF path or a name with a newline: one line, never two
+                raise MoeplanError(f"{printable(token)!r} holds control characters; it cannot go into a launch "
+                                   "command (rename the file or folder)")
         env = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
         return " ".join([*env, *(_quote(t) for t in self.argv)])
 
@@ -310,6 +314,9 @@ def launch(
         # in a CI log (a GitHub `::error` workflow command): refuse rather than print it.
         raise MoeplanError(f"the model name {printable(name)!r} holds control characters; it cannot go into a "
                            "launch command")
+    if name.startswith("-"):  # quoting does not help: the engine itself would read it as an option
+        raise MoeplanError(f"the model name {name!r} starts with '-', which {engine} would read as an option; name "
+                           "the model by its Hub id, or a path such as ./NAME")
     if engine == "vllm":
         return _vllm(model, plan, serving, nodes, name)
     if engine == "sglang":

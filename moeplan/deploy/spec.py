@@ -333,6 +333,10 @@ def engine_problems(spec: DeploySpec) -> list[tuple[Loc, str]]:
         if not engine_accepts(spec.engine, scheme):
             runs_on = ", ".join("llama.cpp" if e == "llamacpp" else e for e in scheme.engines) or "no engine"
             out.append((("quant",), f"'{spec.quant}' does not run on {spec.engine} (it runs on {runs_on})"))
+    lay = spec.layout
+    if spec.engine == "llama.cpp" and lay is not None and ((lay.tp or 1) > 1 or (lay.ep or 1) > 1 or lay.dp_attention):
+        out.append((("layout",), "llama.cpp splits whole layers, one GPU per stage: use layout {pp: N}, or engine "
+                                 "vllm / sglang for tensor or expert parallelism"))
     if spec.engine == "llama.cpp" and spec.nodes > 1:
         out.append((("nodes",), f"llama-server serves from one host; nodes must be 1 for llama.cpp, got {spec.nodes}"))
     if spec.serving.cpu_mem_gb is not None and spec.engine != "llama.cpp":
