@@ -609,7 +609,6 @@ def parse_routing(text: str | None, num_experts: int, num_moe_layers: int) -> Ro
 def _read_routing_file(path_text: str) -> list[list[float]]:
     import csv
     import io
-    from pathlib import Path
 
     from moeplan.errors import MoeplanError
 

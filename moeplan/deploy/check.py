@@ -160,7 +160,35 @@ def _engine_plan(
     return min(every, key=scorer("latency" if sc.batch == 1 else "throughput"), default=None)  # fit's order
 
 
-def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, rank: Ranker | None) -> _Choice:
+_Fits = dict[str, "FitResult | RedundantExpertsError"]
+
+
+def _layout_request(spec: DeploySpec) -> LayoutRequest | None:
+    return LayoutRequest(**spec.layout.model_dump()) if spec.layout is not None else None
+
+
+def _fit_at(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, scheme: QuantScheme,
+            rank: Ranker | None, memo: _Fits) -> FitResult:
+    """fit at one quantization with the spec's serving, layout and expert options. Memoised per check:
+    choose_plan and the cheapest-configuration search ask for the same ones. RedundantExpertsError:
+    the replicas do not fit beside the model at this precision."""
+    if scheme.name not in memo:
+        sc = _scenario(spec)
+        try:
+            memo[scheme.name] = fit(
+                model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name, kv_dtype=sc.kv_dtype,
+                mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus, layout=_layout_request(spec),
+                redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)  # fmt: skip
+        except RedundantExpertsError as exc:
+            memo[scheme.name] = exc
+    got = memo[scheme.name]
+    if isinstance(got, RedundantExpertsError):
+        raise got
+    return got
+
+
+def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, rank: Ranker | None,
+                memo: _Fits | None = None) -> _Choice:
     """The highest-precision quantization the engine runs that fits, in its best layout the engine runs."""
     sc = _scenario(spec)
     schemes = engine_candidates(spec.engine, model, spec.quant, spec.serving.kv_dtype)
@@ -170,7 +198,8 @@ def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes
                                                         f"with a {spec.serving.kv_dtype} KV cache")])
     notes: list[str] = []
     misses: list[Plan] = []
-    request = LayoutRequest(**spec.layout.model_dump()) if spec.layout is not None else None
+    memo = {} if memo is None else memo
+    request = _layout_request(spec)
     if request is not None:
         try:
             check_request(model, gpus, nodes, request)
@@ -183,9 +212,7 @@ def choose_plan(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes
     too_many: RedundantExpertsError | None = None
     for scheme in schemes:
         try:
-            fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name,
-                     kv_dtype=sc.kv_dtype, mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus,
-                     layout=request, redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)
+            fr = _fit_at(spec, model, gpus, nodes, scheme, rank, memo)
         except RedundantExpertsError as exc:  # at this precision; a smaller one may hold the replicas
             too_many = too_many or exc
             continue
@@ -289,18 +316,15 @@ def findings(spec: DeploySpec, choice: _Choice) -> list[Finding]:
 
 
 def cheapest_meeting_targets(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: int,
-                             rank: Ranker) -> Plan | None:
+                             rank: Ranker, memo: _Fits | None = None) -> Plan | None:
     """Among every quantization the engine runs and the layouts fit shortlists for it (the forced
     layout only, when the spec sets one), the plan with the lowest USD per million output tokens at
     the serving batch whose findings all pass."""
-    sc = _scenario(spec)
-    request = LayoutRequest(**spec.layout.model_dump()) if spec.layout is not None else None
+    memo = {} if memo is None else memo
     best: Plan | None = None
     for scheme in engine_candidates(spec.engine, model, spec.quant, spec.serving.kv_dtype):
         try:
-            fr = fit(model, gpus, nodes=nodes, context=sc.context, batch=sc.batch, quant=scheme.name,
-                     kv_dtype=sc.kv_dtype, mem_fraction=sc.mem_fraction, rank=rank, gpus_label=spec.gpus,
-                     layout=request, redundant_experts=sc.redundant_experts, capacity_factor=sc.capacity_factor)
+            fr = _fit_at(spec, model, gpus, nodes, scheme, rank, memo)
         except RedundantExpertsError:  # the replicas do not fit at this precision
             continue
         for plan in fr.plans:
@@ -314,11 +338,11 @@ def cheapest_meeting_targets(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu
 
 
 def _cheapest(spec: DeploySpec, model: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, rank: Ranker,
-              chosen: Plan | None, passed: bool) -> tuple[Cheapest | None, list[str]]:
+              chosen: Plan | None, passed: bool, memo: _Fits) -> tuple[Cheapest | None, list[str]]:
     targets = {k: v for k, v in spec.targets.model_dump(exclude={"prompt_tokens"}).items() if v is not None}
     if spec.price is None or not targets:
         return None, []
-    plan = cheapest_meeting_targets(spec, model, gpus, nodes, rank)
+    plan = cheapest_meeting_targets(spec, model, gpus, nodes, rank, memo)
     # The plan checked counts too: an offload plan, or one fit found only over every layout.
     mine = chosen.speed.usd_per_million_output_tokens if passed and chosen and chosen.speed else None
     if mine is not None and (plan is None or plan.speed is None or plan.speed.usd_per_million_output_tokens is None
@@ -353,9 +377,11 @@ def check(spec: DeploySpec, *, rank: Ranker | None = None) -> CheckResult:
     routing = spec_routing(spec, model)
     _expert_options(spec, model, gpus)
     ranker = rank if rank is not None else default_ranker(spec, routing)
-    choice = choose_plan(spec, model, gpus, nodes, ranker)
+    memo: _Fits = {}  # the fits choose_plan makes, for the cheapest-configuration search to reuse
+    choice = choose_plan(spec, model, gpus, nodes, ranker, memo)
     found = findings(spec, choice)
-    cheapest, cheap_notes = _cheapest(spec, model, gpus, nodes, ranker, choice.plan, all(f.passed for f in found))
+    cheapest, cheap_notes = _cheapest(spec, model, gpus, nodes, ranker, choice.plan, all(f.passed for f in found),
+                                      memo)
     run = None
     if choice.plan is not None:
         run = launch(spec.engine, model, choice.plan, spec.serving, nodes=nodes, model_name=_model_name(spec, model))
