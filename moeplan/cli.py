@@ -172,14 +172,15 @@ class _Out(Console):
         _stdout_gone()
 
 
-app = typer.Typer(
-    cls=_Boundary,
-    help="Plan GPUs for Mixture-of-Experts models: parameters, memory, fit, speed, and a real-layer bench.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-)
+_APP_SETTINGS: dict[str, Any] = {
+    "cls": _Boundary,
+    "help": "Plan GPUs for Mixture-of-Experts models: parameters, memory, fit, speed, and a real-layer bench.",
+    "no_args_is_help": True,
+    "add_completion": True,
+    "pretty_exceptions_enable": False,
+    "rich_markup_mode": None,
+}
+app = typer.Typer(**_APP_SETTINGS)
 out = _Out(highlight=False, soft_wrap=False, width=_width(sys.stdout))
 
 
@@ -925,6 +926,23 @@ def resolve_model(model: str, from_hub: bool = False) -> Any:
     return spec
 
 
+def _app_for(first: list[str], environ: Any) -> typer.Typer:
+    """The app with only the command `first` names, when it names one: typer converts every option of
+    every registered command before running any, ~10 ms for moeplan's dozen commands on a 2-core box
+    (issue 17's start-up bound). The command's own parsing, help and errors are the same; `moeplan`,
+    `moeplan --help`, an unknown command and shell completion get the whole app."""
+    if not first or any(k.startswith("_") and k.endswith("_COMPLETE") for k in environ):
+        return app
+    chosen = [c for c in app.registered_commands
+              if (c.name or typer.main.get_command_name(c.callback.__name__ if c.callback else "")) == first[0]]
+    if len(chosen) != 1:
+        return app
+    lean = typer.Typer(**_APP_SETTINGS)
+    lean.registered_callback = app.registered_callback
+    lean.registered_commands = chosen
+    return lean
+
+
 def main() -> None:
     import os
 
@@ -937,7 +955,7 @@ def main() -> None:
             stream.reconfigure(errors="backslashreplace")  # type: ignore[union-attr]
     sys.stdout = _ReaderMayLeave(sys.stdout)  # type: ignore[assignment]
     try:
-        app()
+        _app_for(sys.argv[1:2], os.environ)()
     except KeyboardInterrupt:  # Ctrl-C outside the command (while importing)
         _fail("interrupted", EXIT_INTERRUPTED)
     finally:

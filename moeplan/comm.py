@@ -18,14 +18,16 @@ Latencies are CUDA-graph figures; an engine without graphs adds its launch cost 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
+
+from moeplan.record import Record
 
 US = 1e-6
 GB = 1e9
 KiB, MiB = 2**10, 2**20
 
 
-class LinkClass(BaseModel):
+class LinkClass(Record):
     """Measured collective constants for GPUs of one interconnect (per GPU, one direction)."""
 
     model_config = ConfigDict(frozen=True, defer_build=True)

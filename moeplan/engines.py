@@ -20,12 +20,13 @@ launch cost per collective when the engine runs without CUDA graphs. Figures and
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.errors import MoeplanError
 
 
-class EngineOverhead(BaseModel):
+class EngineOverhead(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     cuda_graphs: bool

@@ -13,15 +13,16 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.errors import GpuSpecError
 
 GiB = 2**30
 GB = 10**9
 
 
-class Gpu(BaseModel):
+class Gpu(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str

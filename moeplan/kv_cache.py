@@ -20,8 +20,9 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.params import derived, layer_group_ids, layer_groups
 from moeplan.quant import kv_dtype_bytes
 from moeplan.spec import LayerSpec, ModelSpec
@@ -29,7 +30,7 @@ from moeplan.spec import LayerSpec, ModelSpec
 Kind = Literal["grows", "window", "state"]
 
 
-class CacheTerm(BaseModel):
+class CacheTerm(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     name: str  # what it is, as the memory breakdown prints it
     elements: int  # values per row
@@ -160,7 +161,7 @@ def _compressed_terms(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheTerm, ...
     return tuple(terms)
 
 
-class CacheBytes(BaseModel):
+class CacheBytes(Record):
     """Bytes for `batch` sequences of `context` tokens over some layers, by kind and by term."""
 
     model_config = ConfigDict(frozen=True, defer_build=True)

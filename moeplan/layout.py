@@ -25,8 +25,9 @@ from collections import Counter
 from functools import lru_cache
 from collections.abc import Callable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.hardware import Gpu
 from moeplan.kv_cache import CacheBytes, cache_bytes, cache_total_fn
 from moeplan.memory import activation_bytes, hash_table_bytes, overhead_bytes
@@ -40,7 +41,7 @@ from moeplan.spec import LayerSpec, ModelSpec
 
 
 
-class Layout(BaseModel):
+class Layout(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     tp: int  # GPUs per stage that split attention (1 under DP attention)
     ep: int  # GPUs per stage that split the routed experts (1 = experts tensor-sliced over tp)
@@ -58,7 +59,7 @@ class Layout(BaseModel):
         return f"{attn} ep{self.ep} pp{self.pp}" + (" uneven" if len(set(self.stage_layers)) > 1 else "")
 
 
-class GpuUse(BaseModel):
+class GpuUse(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     index: int  # first GPU index this row stands for
@@ -141,7 +142,7 @@ def stage_bounds(stage_layers: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     return tuple(bounds)
 
 
-class Scenario(BaseModel):
+class Scenario(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     context: int
     batch: int
@@ -329,7 +330,7 @@ def uneven_stages(
     g, pp = layout.gpus_per_stage, layout.pp
     if pp == 1:
         return None
-    one = Layout(**{**layout.model_dump(), "pp": 1, "stage_layers": (spec.num_layers,)})
+    one = layout.model_copy(update={"pp": 1, "stage_layers": (spec.num_layers,)})
     # Bytes one decoder layer adds on a GPU, averaged over the model's layer mix.
     per_layer = layer_bytes_one_stage(spec, scheme, one, sc) / spec.num_layers
     rooms = []
@@ -338,7 +339,7 @@ def uneven_stages(
         budget = min(int(m.usable_bytes * sc.mem_fraction) for m in members)
         fixed = overhead_bytes(len(gpus), cuda_graphs=sc.cuda_graphs) + activation_bytes(
             spec, min(sc.chunk_tokens, sc.context * sc.batch), tp=layout.tp, logits=s == pp - 1)
-        probe = Layout(**{**layout.model_dump(), "stage_layers": (0,) * pp})
+        probe = layout.model_copy(update={"stage_layers": (0,) * pp})
         fixed += sum(stage_weights(spec, scheme, probe, s, spec.num_experts).values())
         rooms.append(budget - fixed)
     if min(rooms) <= per_layer or spec.num_layers < pp:

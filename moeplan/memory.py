@@ -18,8 +18,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.errors import MoeplanError
 from moeplan.params import EMBEDDING, LM_HEAD, ROUTED_EXPERTS, count_params, is_moe, layer_params
 from moeplan.kv_cache import CacheBytes, bytes_per_token, cache_bytes, layer_terms
@@ -37,7 +38,7 @@ _MOE_ACT_COEFF = {1: 28, 2: 17, 4: 13, 8: 13}  # [aic] SGLang MoE activation coe
 _DENSE_ACT_COEFF = 14  # llm-d Llama-8B: 4.76 GiB peak less its logits
 
 
-class Weights(BaseModel):
+class Weights(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     by_component: dict[str, int]
@@ -111,7 +112,7 @@ def overhead_bytes(num_gpus: int, *, cuda_graphs: bool = True) -> int:
     return CUDA_CONTEXT_BYTES + (CUDA_GRAPH_BYTES if cuda_graphs else 0) + (NCCL_BYTES if num_gpus > 1 else 0)
 
 
-class MemoryReport(BaseModel):
+class MemoryReport(Record):
     """`model_dump()` is exactly `moeplan memory --json`."""
 
     model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none

@@ -23,8 +23,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.errors import MoeplanError
 from moeplan.routing import pick_probs
 
@@ -47,7 +48,7 @@ DEFAULT_LOCALITY_SOURCE = "Mixtral-8x7B, mixtral-offloading LRU logs (k = 2 cach
 P99_Z = 2.326
 
 
-class OffloadSpeed(BaseModel):
+class OffloadSpeed(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     cache_slots: int  # experts per offloaded layer kept on the GPU
     hit_rate: float

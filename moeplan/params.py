@@ -14,8 +14,9 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.spec import Gemma4VisionSpec, LayerSpec, ModelSpec, QwenVisionSpec, SiglipVisionSpec
 
 # Component names, in display order. Every other module refers to these strings.
@@ -38,14 +39,14 @@ COMPONENTS = (
 )  # fmt: skip
 
 
-class Component(BaseModel):
+class Component(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     total: int
     active: int
 
 
-class ParamCount(BaseModel):
+class ParamCount(Record):
     """`model_dump()` of this is exactly `moeplan params --json`."""
 
     model_config = ConfigDict(frozen=True, defer_build=True)

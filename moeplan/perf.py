@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.comm import NIC, LinkClass, allreduce_s, alltoall_s, link_for
 from moeplan.cost import NO_PRICE_NOTE, Price, per_million
 from moeplan.engines import overhead
@@ -44,7 +45,7 @@ from moeplan.offload import independent_reuse, offload_speed
 from moeplan.routing import Routing, drop_fraction, rank_load
 from moeplan.spec import LayerSpec, ModelSpec
 
-class Efficiency(BaseModel):
+class Efficiency(Record):
     """Fractions of peak reached in practice. Memory: per engine class, fitted on the validation
     fitting set (ENGINE_MEMORY_EFFICIENCY below), which default_efficiency uses; the 0.80 here,
     aiconfigurator's HBM derate ([aic] systems/*.yaml, mem_bw x 0.8), is only an Efficiency() made
@@ -132,7 +133,7 @@ def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, eng
     return default_efficiency(engine)
 
 
-class StepCost(BaseModel):
+class StepCost(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     seconds: float
     compute_s: float
@@ -374,7 +375,7 @@ def error_band(engine: str, batch: int, *, offload: bool = False) -> tuple[float
     return lo, hi, key
 
 
-class PerfResult(BaseModel):
+class PerfResult(Record):
     """`model_dump()` is exactly `moeplan perf --json`."""
 
     model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
@@ -631,7 +632,7 @@ def perf_report(
     )  # fmt: skip
 
 
-class LayerPrediction(BaseModel):
+class LayerPrediction(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     decode_s: float
     prefill_s: float

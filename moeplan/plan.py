@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from moeplan.record import Record
 from moeplan.errors import MoeplanError, RedundantExpertsError
 from moeplan.hardware import Gpu
 from moeplan.layout import (
@@ -33,7 +34,7 @@ OFFLOAD_LADDER = ("q8_0", "q6_k", "q4_k_m", "q3_k_m", "q2_k", "iq1_s")
 LLAMACPP_UBATCH = 512  # llama.cpp n_ubatch default: its prefill chunk
 
 
-class OffloadOptions(BaseModel):
+class OffloadOptions(Record):
     """Host-side settings of an offload plan (moeplan.offload): RAM and disk bandwidth, routing locality,
     and a fixed number of GPU cache slots per offloaded layer (None: what the GPUs have left)."""
 
@@ -45,7 +46,7 @@ class OffloadOptions(BaseModel):
     cpu_moe_layers: int | None = None  # llama.cpp --n-cpu-moe as the user runs it (None: the fewest that fit)
 
 
-class Offload(BaseModel):
+class Offload(Record):
     """Routed experts of the first `cpu_moe_layers` MoE layers kept in host memory (llama.cpp
     --n-cpu-moe), RAM first and disk (mmap) for what RAM cannot hold."""
 
@@ -67,7 +68,7 @@ class Offload(BaseModel):
     expert_bytes: int = 0
 
 
-class Speed(BaseModel):
+class Speed(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     decode_tok_per_s: float
     decode_tok_per_s_total: float
@@ -105,7 +106,7 @@ class Speed(BaseModel):
     cache_p99_tpot_s: float | None = None
 
 
-class Plan(BaseModel):
+class Plan(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     layout: str
@@ -236,7 +237,7 @@ def check_request(spec: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, req: Layou
     return Layout(tp=tp, ep=ep, pp=pp, stage_layers=even_stages(spec.num_layers, pp))
 
 
-class QuantVerdict(BaseModel):
+class QuantVerdict(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     fits: bool
@@ -244,7 +245,7 @@ class QuantVerdict(BaseModel):
     reason: str
 
 
-class FitResult(BaseModel):
+class FitResult(Record):
     """`model_dump()` is exactly `moeplan fit --json`."""
 
     model_config = ConfigDict(frozen=True, defer_build=True)

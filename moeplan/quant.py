@@ -23,8 +23,9 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import ConfigDict
 
+from moeplan.record import Record
 from moeplan.errors import ConfigError, QuantError
 from moeplan.params import (
     ATTENTION, DENSE_FFN, DENSE_MLP, EMBEDDING, HYPER_CONNECTIONS, LM_HEAD, MAMBA, NORMS, PER_LAYER_EMBEDDING,
@@ -50,7 +51,7 @@ def ggml_bpw(type_name: str) -> float:
     return 8 * size / block
 
 
-class QuantScheme(BaseModel):
+class QuantScheme(Record):
     model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str

@@ -27,6 +27,8 @@ from functools import lru_cache
 
 from pydantic import BaseModel, ConfigDict
 
+from moeplan.record import Record
+
 # Beyond this many expected assignments per rank the normal approximation replaces the exact sums.
 _EXACT_LIMIT = 64
 # Up to this many picks per step (T x k) the busiest rank is averaged over sampled batches.
@@ -34,7 +36,7 @@ _SAMPLE_PICKS = 256
 _SAMPLES = 400
 
 
-class RankLoad(BaseModel):
+class RankLoad(Record):
     """Expected per-rank figures for one MoE layer and one step of T tokens over R ranks."""
 
     model_config = ConfigDict(frozen=True, defer_build=True)

@@ -19,11 +19,12 @@ import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import yaml
+from typing import TYPE_CHECKING, Any
 
 from moeplan.errors import ConfigError
+
+if TYPE_CHECKING:
+    import yaml
 
 # Real config.json files are 1-20 kB, cards and specs smaller; 16 MiB is far beyond any of them
 # and keeps a hostile file from costing more than that much memory.
@@ -36,7 +37,13 @@ MAX_YAML_NODES = 200_000
 # Linux PATH_MAX; a longer path is refused before the OS is asked.
 MAX_PATH_CHARS = 4096
 
-_YAML_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+def _yaml_loader() -> type[yaml.SafeLoader]:
+    # yaml is imported on first use: `moeplan fit CARD` reads the precompiled card index, no YAML.
+    import yaml
+
+    return getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 # The process umask, read once at import (reading it means setting it, which threads writing the Hub
@@ -67,6 +74,11 @@ def expand_user(text: str, what: str = "path") -> Path:
 
 def read_text(path: Path | str, *, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> str:
     """The UTF-8 text of a regular file of at most `max_bytes` bytes, or one ReadError line."""
+    return decode_text(read_bytes(path, what=what, max_bytes=max_bytes), f"{what} {_label(Path(path))}")
+
+
+def read_bytes(path: Path | str, *, what: str = "file", max_bytes: int = MAX_TEXT_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes` bytes, or one ReadError line."""
     check_path_text(str(path))
     path = Path(path)
     label = _label(path)
@@ -92,7 +104,7 @@ def read_text(path: Path | str, *, what: str = "file", max_bytes: int = MAX_TEXT
         raise ReadError(f"cannot read {what} {label}: {exc.strerror or exc}") from None
     if len(data) > max_bytes:
         raise ReadError(f"{what} {label} is larger than {max_bytes:,} bytes; moeplan reads at most that")
-    return decode_text(data, f"{what} {label}")
+    return data
 
 
 def decode_text(data: bytes, label: str) -> str:
@@ -165,8 +177,10 @@ def compose_yaml(text: str, label: str) -> yaml.Node | None:
     # with the "- " of compact sequences).
     if _bracket_depth(text, quotes=False) > MAX_DEPTH or _block_depth(text) > MAX_BLOCK_COLUMNS:
         raise ReadError(f"{label}: YAML nested more than {MAX_DEPTH} levels deep")
+    import yaml
+
     try:
-        node = yaml.compose(text, Loader=_YAML_LOADER)
+        node = yaml.compose(text, Loader=_yaml_loader())
     except RecursionError:
         raise ReadError(f"{label}: YAML nested too deeply") from None
     if node is not None:
@@ -223,6 +237,8 @@ def _check_yaml_size(root: yaml.Node, label: str) -> None:
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
+    import yaml
+
     if isinstance(node, yaml.SequenceNode):
         return list(node.value)
     if isinstance(node, yaml.MappingNode):
@@ -239,7 +255,7 @@ def construct_yaml(node: yaml.Node | None, label: str) -> Any:
     """Python values of a node graph compose_yaml has bounded."""
     if node is None:
         return None
-    loader = _YAML_LOADER("")
+    loader = _yaml_loader()("")
     try:
         return loader.construct_document(node)
     except RecursionError:

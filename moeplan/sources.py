@@ -20,10 +20,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from moeplan import card_index
 from moeplan.errors import ConfigError, UnknownModelError
-from moeplan.safeio import check_path_text, expand_user, load_yaml, loads_json, read_text
+from moeplan.safeio import check_path_text, decode_text, expand_user, load_yaml, loads_json, read_bytes, read_text
 from moeplan.spec import ModelSpec, first_error, spec_from_config
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?\Z", re.ASCII)  # \Z: no trailing newline
@@ -36,12 +35,16 @@ class Card:
     aliases: tuple[str, ...]
     path: Path
     data: dict[str, Any]
+    # The validated spec as moeplan.card_index dumped it, when the precompiled index matched the file.
+    spec_dump: dict[str, Any] | None = None
 
     @property
     def published(self) -> dict[str, Any]:
         return dict(self.data.get("published") or {})
 
     def spec(self) -> ModelSpec:
+        if self.spec_dump is not None:
+            return card_index.spec_from_dump(self.spec_dump)
         return spec_from_card_data(self.data, label=str(self.path))
 
 
@@ -59,8 +62,11 @@ def cards_dir() -> Path:
         return here.parent / "model_cards"
 
 
-def _load_yaml(path: Path) -> Any:
-    text = read_text(path, what="model card")  # regular file, size cap, UTF-8
+def _load_yaml(path: Path, text: str | None = None) -> Any:
+    import yaml  # only when a card is read from YAML: bundled cards come from the precompiled index
+
+    if text is None:
+        text = read_text(path, what="model card")  # regular file, size cap, UTF-8
     try:
         return load_yaml(text, str(path))  # aliases and depth bounded
     except yaml.YAMLError as exc:
@@ -71,8 +77,18 @@ def _load_yaml(path: Path) -> Any:
 
 @lru_cache(maxsize=None)
 def _card_at(path: Path) -> Card:
-    """The card in one bundled file, read once per process (find_card and bundled_cards share it)."""
-    data = _load_yaml(path)
+    """The card in one bundled file, read once per process (find_card and bundled_cards share it):
+    from the precompiled index when it matches the file's bytes and moeplan's code, else from YAML."""
+    raw = read_bytes(path, what="model card")
+    entry = card_index.fresh_entry(path.parent, path, raw)
+    if entry is not None:
+        return Card(name=entry["name"], hub_id=entry["hub_id"], aliases=tuple(entry["aliases"]), path=path,
+                    data=entry["data"], spec_dump=entry["spec"])
+    return _card_from_yaml(path, decode_text(raw, f"model card {path}"))
+
+
+def _card_from_yaml(path: Path, text: str | None = None) -> Card:
+    data = _load_yaml(path, text)
     if not isinstance(data, dict) or "name" not in data:
         raise ConfigError(f"{path}: a model card needs at least 'name' and 'config' or 'spec'")
     return Card(name=str(data["name"]).lower(), hub_id=data.get("hub_id"),

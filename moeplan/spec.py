@@ -387,7 +387,9 @@ class ModelSpec(_Frozen):
     @property
     def mtp_layer_spec(self) -> LayerSpec:
         """What one MTP layer is: a full-attention decoder layer unless the reader said otherwise."""
-        return self.mtp_layer or LayerSpec(mixer="full", ffn="moe" if self.is_moe else "dense")
+        # model_construct: two literal, valid values; validating them would build LayerSpec's validator in
+        # every `fit` of a card read from the precompiled index (issue 17's start-up bound).
+        return self.mtp_layer or LayerSpec.model_construct(mixer="full", ffn="moe" if self.is_moe else "dense")
 
     @property
     def checkpoint_quant(self) -> str | None:

@@ -1,0 +1,82 @@
+"""model_cards/index.json, the precompiled bundled cards (moeplan.card_index): current, exact, and
+never used when it no longer matches the card file or the code."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from moeplan import card_index, sources
+
+CARDS = sources.cards_dir()
+
+
+def test_the_committed_index_is_a_fresh_build() -> None:
+    committed = json.loads((CARDS / card_index.INDEX_FILE).read_text(encoding="utf-8"))
+    assert committed == card_index.build_index(CARDS), "model_cards/index.json is stale: run python -m moeplan.card_index"
+
+
+def test_every_bundled_card_is_indexed() -> None:
+    index = card_index.load_index(CARDS)
+    assert index is not None
+    assert sorted(index["cards"]) == sorted(p.name for p in CARDS.glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", sorted(CARDS.glob("*.yaml")), ids=lambda p: p.stem)
+def test_an_indexed_spec_equals_the_validated_one(path: Path) -> None:
+    fast = sources._card_at(path)
+    slow = sources._card_from_yaml(path)
+    assert fast.spec_dump is not None
+    assert (fast.name, fast.hub_id, fast.aliases, fast.data) == (slow.name, slow.hub_id, slow.aliases, slow.data)
+    a, b = fast.spec(), slow.spec()
+    assert a == b
+    assert a.model_dump(mode="json") == b.model_dump(mode="json")
+    assert type(a.layers) is tuple and type(a.notes) is tuple
+
+
+def _copy_cards(tmp_path: Path) -> Path:
+    folder = tmp_path / "cards"
+    shutil.copytree(CARDS, folder)
+    return folder
+
+
+def test_an_edited_card_is_read_from_its_yaml(tmp_path: Path) -> None:
+    folder = _copy_cards(tmp_path)
+    path = folder / "mixtral-8x7b.yaml"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace("num_local_experts: 8", "num_local_experts: 16"), encoding="utf-8")
+    assert card_index.fresh_entry(folder, path, path.read_bytes()) is None
+    sources._card_at.cache_clear()
+    try:
+        card = sources._card_at(path)
+        assert card.spec_dump is None and card.spec().num_experts == 16
+    finally:
+        sources._card_at.cache_clear()
+
+
+def test_an_index_from_other_code_is_not_used(tmp_path: Path) -> None:
+    folder = _copy_cards(tmp_path)
+    index = json.loads((folder / card_index.INDEX_FILE).read_text(encoding="utf-8"))
+    index["code_sha256"] = "0" * 64
+    (folder / card_index.INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
+    card_index.load_index.cache_clear()
+    try:
+        assert card_index.load_index(folder) is None
+        (folder / card_index.INDEX_FILE).write_text("{not json", encoding="utf-8")
+        card_index.load_index.cache_clear()
+        assert card_index.load_index(folder) is None
+    finally:
+        card_index.load_index.cache_clear()
+
+
+def test_fit_of_a_card_imports_no_yaml() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from moeplan.cli import main; sys.argv = ['moeplan', 'fit', 'mixtral-8x7b', '--gpus', "
+            "'2x24GB']\ntry:\n    main()\nexcept SystemExit:\n    pass\nsys.stderr.write(str('yaml' in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stderr.strip().endswith("False"), proc.stderr

@@ -1,0 +1,52 @@
+"""moeplan.record: computed values are built without validation in normal runs (start-up time,
+issue 17). The rest of the suite validates every one (tests/conftest.py); this checks that the
+unvalidated path gives the same answers, byte for byte, and still fails loudly on a bug."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from moeplan import record
+from moeplan.cli import app
+from moeplan.layout import Scenario
+
+runner = CliRunner()
+
+COMMANDS = [
+    ["fit", "mixtral-8x7b", "--gpus", "2x24GB", "--json"],
+    ["fit", "deepseek-v3", "--gpus", "8xH200", "--json"],
+    ["fit", "qwen3-30b-a3b", "--gpus", "1xRTX4090", "--quant", "q4_k_m", "--cpu-mem", "64GB", "--json"],
+    ["fit", "qwen3-next-80b-a3b", "--gpus", "1xRTX4090", "--cpu-mem", "128GB", "--json"],
+    ["perf", "gpt-oss-120b", "--gpus", "8xH100", "--quant", "mxfp4", "--tp", "8", "--json"],
+    ["perf", "deepseek-v3", "--gpus", "8xH200", "--batch", "64", "--routing", "zipf:1.2", "--json"],
+    ["memory", "gemma-4-26b-a4b", "--context", "32k", "--json"],
+    ["params", "deepseek-v4-flash", "--json"],
+    ["fit", "llama-3.1-70b", "--gpus", "4xA100", "--price", "1.5", "--json"],
+]
+
+
+@pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
+def test_unvalidated_records_print_the_same_json(monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.setattr(record, "VALIDATE", True)
+    checked = runner.invoke(app, args)
+    monkeypatch.setattr(record, "VALIDATE", False)
+    trusted = runner.invoke(app, args)
+    assert checked.exit_code in (0, 1), checked.output
+    assert (trusted.exit_code, trusted.stdout) == (checked.exit_code, checked.stdout)
+
+
+def test_the_suite_validates_records() -> None:
+    assert record.VALIDATE  # conftest.py; without it the other tests would not check the types
+
+
+def test_an_unvalidated_record_still_refuses_a_missing_field(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(record, "VALIDATE", False)
+    with pytest.raises(TypeError, match="Scenario: missing required field 'batch'"):
+        Scenario(context=4096)
+    sc = Scenario(context=4096, batch=2)
+    assert (sc.kv_dtype, sc.mem_fraction, sc.model_fields_set) == ("bf16", 0.90, {"context", "batch"})
+    with pytest.raises(Exception):  # frozen, as a validated one
+        sc.batch = 3  # type: ignore[misc]
+    monkeypatch.setattr(record, "VALIDATE", True)
+    assert Scenario(context=4096, batch=2) == sc
