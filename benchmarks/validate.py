@@ -85,7 +85,7 @@ class Case:
     set: str = "fit"
     cli: tuple[str, ...] = ()  # test rows: the moeplan perf arguments
     engine: str = "sglang"
-    outlier: str = ""  # an engine release far slower than its hardware (docs/validation.md O1, O2): no band
+    outlier: str = ""  # an engine release far slower than its hardware (docs/validation.md O1, O2, O3): no band
 
     @property
     def check(self) -> str:
@@ -154,6 +154,16 @@ FIT_CASES: tuple[Case, ...] = (
          current=False),
     Case("trtllm-a100-tps", "mixtral-8x7b", "1xA100", "experts=int8,rest=bf16", "request_out", context=640,
          prompt=512, output=128, current=False),
+    # AMD MI300X, TP8 as launched (`--tp 8`), costed like the InferenceX rows: TPOT at the mean context
+    # (prompt + output / 2). sgl-cookbook: the printed mean prompt and output lengths, and the printed
+    # mean concurrency as the load (13.92 and 14.76 at max concurrency 16). dstack: exact lengths.
+    *(Case(f"mi300x-{m}-c{c}", f"llama-4-{m}", "8xMI300X", "bf16", "tpot_ms", batch=b, context=i + o // 2, prompt=i,
+           output=o, layout=(8, 1, False))
+      for m, c, b, i, o in (("maverick", 1, 1, 610, 422), ("maverick", 16, 14, 496, 510), ("scout", 1, 1, 610, 422),
+                            ("scout", 16, 15, 621, 510))),
+    *(Case(f"mi300x-dsr1-{e}-c{c}", "deepseek-v3", "8xMI300X", "fp8", "tpot_ms", batch=c, context=3600, prompt=3200,
+           output=800, layout=(8, 1, False), engine=e, outlier="O3")
+      for e, c in (("sglang", 4), ("sglang", 16), ("vllm", 4), ("vllm", 32))),
 )
 
 
@@ -413,7 +423,8 @@ def _published_text(pub: dict[str, Any]) -> str:
 def regime(case: Case) -> str:
     """The band a row belongs to (moeplan.perf.band_key): engine class and load."""
     engine = "llama.cpp" if case.quant.startswith(("q", "mxfp4_")) or case.gpus.startswith("1xM") else case.engine
-    return band_key(engine, case.batch, offload=bool(case.cpu_mem))
+    vendor = min(parse_gpus(case.gpus, case.nodes)[0], key=lambda g: g.hbm_gb_per_s).vendor
+    return band_key(engine, case.batch, offload=bool(case.cpu_mem), vendor=vendor)
 
 
 def table(rows: list[Prediction], *, bands: bool) -> str:

@@ -83,26 +83,33 @@ def distinct_experts_per_rank(num_experts: int, top_k: int, tokens: float, ep: i
 # benchmarks/validate.py --fit-efficiency` (tests/test_validation.py checks these equal its output):
 # - gpu serving (vLLM, SGLang): InferenceX #870, SGLang 0.5.7, DeepSeek-R1 TP8 on 8 x H200 at
 #   concurrency 8-64 (the fitting set's current single-node rows);
+# - gpu serving (AMD): vLLM and SGLang on AMD GPUs, the sgl-cookbook Llama 4 rows (SGLang 0.5.7, TP8 on
+#   8 x MI300X, concurrency 1 and 16);
 # - llama.cpp: the M2 Max llama-bench table of llama.cpp PR#4406 (Mixtral, seven quantizations);
 # - llama.cpp cpu experts: the share of the host RAM bandwidth (--cpu-bw) llama.cpp's CPU kernels reach
 #   on experts kept in RAM (--n-cpu-moe), on the two offload rows (ollama#1556; llmfit PR#755).
 # aiconfigurator's 0.80 bandwidth derate ([aic] systems/*.yaml) stays the figure for anything else.
-ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "llama.cpp": 0.636,
+ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "gpu serving (AMD)": 0.26, "llama.cpp": 0.636,
                                               "llama.cpp cpu experts": 0.447}
 EFFICIENCY_FIT_ROWS = {
     "gpu serving": ("inferencex-c8-tpot", "inferencex-c16-tpot", "inferencex-c32-tpot", "inferencex-c64-tpot"),
     "llama.cpp": ("m2max-q2_k", "m2max-q3_k_m", "m2max-q4_k_m", "m2max-q4_0", "m2max-q5_k_m", "m2max-q6_k",
                   "m2max-q8_0"),
     "llama.cpp cpu experts": ("rtx4090-offload", "llmfit-755-qwen3-30b"),
+    "gpu serving (AMD)": ("mi300x-maverick-c1", "mi300x-maverick-c16", "mi300x-scout-c1", "mi300x-scout-c16"),
 }
 
 
-def engine_class(engine: str | None) -> str:
-    return "llama.cpp" if engine in ("llama.cpp", "llamacpp") else "gpu serving"
+def engine_class(engine: str | None, vendor: str | None = None) -> str:
+    """The class an engine's fitted efficiency and error band belong to. vLLM and SGLang on AMD GPUs
+    (ROCm kernels) are their own class: fitted on AMD rows, not NVIDIA ones."""
+    if engine in ("llama.cpp", "llamacpp"):
+        return "llama.cpp"
+    return "gpu serving (AMD)" if vendor == "amd" else "gpu serving"
 
 
-def default_efficiency(engine: str | None = None) -> Efficiency:
-    cls = engine_class(engine)
+def default_efficiency(engine: str | None = None, vendor: str | None = None) -> Efficiency:
+    cls = engine_class(engine, vendor)
     mem = ENGINE_MEMORY_EFFICIENCY.get(cls, 0.80)
     return Efficiency(memory=mem, compute=0.60, source=(
         f"defaults for {cls}: memory {mem:.2f} (fitted on the validation fitting set), compute 0.60 "
@@ -121,7 +128,7 @@ def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, eng
     try:
         from moeplan.calibration import load_calibration
     except ImportError:  # pragma: no cover - calibration ships with the package
-        return default_efficiency(engine)
+        return default_efficiency(engine, gpu.vendor)
     cal = load_calibration(gpu.name, dtype)
     if cal:
         mode = cal.get("mode")
@@ -130,7 +137,7 @@ def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, eng
                           layer_s=cal.get("layer_s") if same_mode else None,
                           step_s=cal.get("step_s") if same_mode else None,
                           source=f"calibration from moeplan bench ({cal.get('source', '')}, {cal.get('date', '')})")
-    return default_efficiency(engine)
+    return default_efficiency(engine, gpu.vendor)
 
 
 class StepCost(Record):
@@ -351,24 +358,26 @@ OP_OFFLOAD_MIN_TOKENS = 32
 # [S / highest, S / lowest]; a printed time T carries [T x lowest, T x highest]. Keys with fewer than
 # three fitting rows use "any", the whole fitting set's range.
 ERROR_BANDS: dict[str, tuple[float, float]] = {
+    "gpu serving (AMD), batch 1-4": (1.12, 1.41), "gpu serving (AMD), batch > 4": (0.76, 0.84),
     "gpu serving, batch 1-4": (0.81, 1.79), "gpu serving, batch > 4": (0.62, 1.15),
     "llama.cpp, batch 1-4": (0.80, 1.34), "llama.cpp, offload": (0.92, 1.09), "any": (0.62, 1.79),
 }
-BAND_ROWS: dict[str, int] = {"gpu serving, batch 1-4": 2, "gpu serving, batch > 4": 16, "llama.cpp, batch 1-4": 7,
-                             "llama.cpp, offload": 2, "any": 27}
+BAND_ROWS: dict[str, int] = {"gpu serving (AMD), batch 1-4": 2, "gpu serving (AMD), batch > 4": 2,
+                             "gpu serving, batch 1-4": 2, "gpu serving, batch > 4": 16, "llama.cpp, batch 1-4": 7,
+                             "llama.cpp, offload": 2, "any": 31}
 _MIN_BAND_ROWS = 3
 
 
-def band_key(engine: str, batch: int, *, offload: bool = False) -> str:
-    """The validation regime a prediction belongs to: engine class and load."""
-    cls = "llama.cpp" if engine in ("llama.cpp", "llamacpp") else "gpu serving"
+def band_key(engine: str, batch: int, *, offload: bool = False, vendor: str | None = None) -> str:
+    """The validation regime a prediction belongs to: engine class (with the GPU vendor) and load."""
+    cls = engine_class(engine, vendor)
     load = "offload" if offload else ("batch 1-4" if batch <= 4 else "batch > 4")
     return f"{cls}, {load}"
 
 
-def error_band(engine: str, batch: int, *, offload: bool = False) -> tuple[float, float, str]:
+def error_band(engine: str, batch: int, *, offload: bool = False, vendor: str | None = None) -> tuple[float, float, str]:
     """(lowest, highest speed ratio, the regime used) for a prediction of this engine and load."""
-    key = band_key(engine, batch, offload=offload)
+    key = band_key(engine, batch, offload=offload, vendor=vendor)
     if key not in ERROR_BANDS or BAND_ROWS.get(key, 0) < _MIN_BAND_ROWS:
         key = "any"
     lo, hi = ERROR_BANDS.get(key, (0.5, 2.0))
@@ -484,7 +493,8 @@ def speed(
                           "cache_p99_tpot_s": cached.p99_tpot_s}
     cap = min(max(plan.max_batch, sc.batch), max_num_seqs(engine, gpus)) if plan.max_batch else sc.batch
     cap_s = tpot if cap == sc.batch else step(1, cap, sc.context).seconds
-    lo, hi, regime = error_band(engine, sc.batch, offload=plan.offload is not None)
+    lo, hi, regime = error_band(engine, sc.batch, offload=plan.offload is not None,
+                                vendor=min(gpus, key=lambda x: x.hbm_gb_per_s).vendor)  # the GPU step_cost costs
     rate, total = 1 / tpot, sc.batch / tpot
     sp = Speed(decode_tok_per_s=rate, decode_tok_per_s_total=total, prefill_tok_per_s=s / pre.seconds,
                ttft_s=pre.seconds, tpot_s=tpot, bound=dec.bound, capacity_batch=cap, capacity_tok_per_s=cap / cap_s,
