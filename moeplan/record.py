@@ -34,10 +34,15 @@ class Record(BaseModel):
             super().__init__(**data)
             return
         cls = type(self)
+        floats = cls.__dict__.get("_float_fields")
+        if floats is None:
+            floats = _float_fields(cls)
         values: dict[str, Any] = {}
         for name, field in cls.__pydantic_fields__.items():
             if name in data:
-                values[name] = data[name]
+                value = data[name]
+                # The one coercion validation did that output shows: 448 in a float field prints 448.0.
+                values[name] = float(value) if name in floats and type(value) is int else value
             elif field.is_required():  # a bug in moeplan, not in the input: say which field
                 raise TypeError(f"{cls.__name__}: missing required field {name!r}")
             else:
@@ -47,3 +52,19 @@ class Record(BaseModel):
         _set(self, "__pydantic_extra__", None)
         private = cls.__private_attributes__
         _set(self, "__pydantic_private__", {k: a.get_default() for k, a in private.items()} if private else None)
+
+
+def _float_fields(cls: type[Record]) -> frozenset[str]:
+    """The fields typed float or float | None, read once per class."""
+    import types
+    from typing import Union, get_args, get_origin
+
+    out = set()
+    for name, field in cls.__pydantic_fields__.items():
+        ann = field.annotation
+        args = get_args(ann) if get_origin(ann) in (Union, types.UnionType) else (ann,)
+        if float in args and int not in args:
+            out.add(name)
+    found = frozenset(out)
+    type.__setattr__(cls, "_float_fields", found)
+    return found

@@ -50,3 +50,18 @@ def test_an_unvalidated_record_still_refuses_a_missing_field(monkeypatch: pytest
         sc.batch = 3  # type: ignore[misc]
     monkeypatch.setattr(record, "VALIDATE", True)
     assert Scenario(context=4096, batch=2) == sc
+
+
+@pytest.mark.parametrize("args", [["gpus", "--json"], ["fit", "mixtral-8x7b", "--gpus", "2x24GB", "--json"]],
+                         ids=["gpus", "fit"])
+def test_whole_processes_print_the_same_json_either_way(args: list[str]) -> None:
+    # The built-in tables (GPUs, links, engines, quantizations) are made at import, so only a fresh
+    # process shows what a user's run prints; 448 in a float field must still print 448.0.
+    import os
+    import subprocess
+    import sys
+
+    runs = [subprocess.run([sys.executable, "-m", "moeplan", *args], capture_output=True, text=True, timeout=120,
+                           env={**os.environ, "MOEPLAN_VALIDATE_RECORDS": flag}) for flag in ("1", "0")]
+    assert runs[0].returncode in (0, 1), runs[0].stderr
+    assert (runs[1].returncode, runs[1].stdout) == (runs[0].returncode, runs[0].stdout)
