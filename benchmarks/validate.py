@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from moeplan.hardware import Gpu, parse_gpus  # noqa: E402
 from moeplan.layout import Layout, Scenario, even_stages  # noqa: E402
-from moeplan.perf import ERROR_BANDS, StepCost, band_key, step_cost  # noqa: E402
+from moeplan.perf import ERROR_BANDS, StepCost, band_key, slowest_gpu, step_cost  # noqa: E402
 from moeplan.plan import Plan, evaluate  # noqa: E402
 from moeplan.quant import QuantScheme, get_scheme  # noqa: E402
 from moeplan.sources import resolve  # noqa: E402
@@ -423,7 +423,7 @@ def _published_text(pub: dict[str, Any]) -> str:
 def regime(case: Case) -> str:
     """The band a row belongs to (moeplan.perf.band_key): engine class and load."""
     engine = "llama.cpp" if case.quant.startswith(("q", "mxfp4_")) or case.gpus.startswith("1xM") else case.engine
-    vendor = min(parse_gpus(case.gpus, case.nodes)[0], key=lambda g: g.hbm_gb_per_s).vendor
+    vendor = slowest_gpu(parse_gpus(case.gpus, case.nodes)[0]).vendor
     return band_key(engine, case.batch, offload=bool(case.cpu_mem), vendor=vendor)
 
 

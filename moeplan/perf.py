@@ -116,6 +116,12 @@ def default_efficiency(engine: str | None = None, vendor: str | None = None) -> 
         "(published GEMM MFU)"))
 
 
+def slowest_gpu(gpus: Sequence[Gpu]) -> Gpu:
+    """The GPU a step is costed on (and whose vendor picks the efficiency and band): the one with the
+    least memory bandwidth, which every other GPU of a lock-step layout waits for."""
+    return min(gpus, key=lambda x: x.hbm_gb_per_s)
+
+
 def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, engine: str | None = None,
                    cuda_graphs: bool | None = None) -> Efficiency:
     """A saved calibration for this device and dtype, else the engine class's defaults. A calibration
@@ -199,7 +205,7 @@ def step_cost(
     share of routed picks (uniform when None)."""
     g = layout.gpus_per_stage
     tp = 1 if layout.dp_attention else layout.tp
-    gpu = min(gpus, key=lambda x: x.hbm_gb_per_s)
+    gpu = slowest_gpu(gpus)
     engine = engine or default_engine(scheme, layout)
     eff = efficiency_for(gpu, scheme.compute if scheme.compute != "fp32" else "fp32", efficiency, engine, cuda_graphs)
     peak = gpu.bf16_tflops
@@ -375,7 +381,8 @@ def band_key(engine: str, batch: int, *, offload: bool = False, vendor: str | No
     return f"{cls}, {load}"
 
 
-def error_band(engine: str, batch: int, *, offload: bool = False, vendor: str | None = None) -> tuple[float, float, str]:
+def error_band(engine: str, batch: int, *, offload: bool = False,
+               vendor: str | None = None) -> tuple[float, float, str]:
     """(lowest, highest speed ratio, the regime used) for a prediction of this engine and load."""
     key = band_key(engine, batch, offload=offload, vendor=vendor)
     if key not in ERROR_BANDS or BAND_ROWS.get(key, 0) < _MIN_BAND_ROWS:
@@ -493,8 +500,7 @@ def speed(
                           "cache_p99_tpot_s": cached.p99_tpot_s}
     cap = min(max(plan.max_batch, sc.batch), max_num_seqs(engine, gpus)) if plan.max_batch else sc.batch
     cap_s = tpot if cap == sc.batch else step(1, cap, sc.context).seconds
-    lo, hi, regime = error_band(engine, sc.batch, offload=plan.offload is not None,
-                                vendor=min(gpus, key=lambda x: x.hbm_gb_per_s).vendor)  # the GPU step_cost costs
+    lo, hi, regime = error_band(engine, sc.batch, offload=plan.offload is not None, vendor=slowest_gpu(gpus).vendor)
     rate, total = 1 / tpot, sc.batch / tpot
     sp = Speed(decode_tok_per_s=rate, decode_tok_per_s_total=total, prefill_tok_per_s=s / pre.seconds,
                ttft_s=pre.seconds, tpot_s=tpot, bound=dec.bound, capacity_batch=cap, capacity_tok_per_s=cap / cap_s,
@@ -557,7 +563,7 @@ def perf_report(
                          price=price, routing=routing)
     probs = routing.mean() if routing is not None else None
     redundant = sc.redundant_experts if plan.ep > 1 else 0
-    eff = efficiency_for(min(gpus, key=lambda x: x.hbm_gb_per_s), scheme.compute, efficiency, plan.engine)
+    eff = efficiency_for(slowest_gpu(gpus), scheme.compute, efficiency, plan.engine)
     rows: list[dict[str, float | int | str]] = []
     notes = [f"efficiency: memory {eff.memory:.2f}, compute {eff.compute:.2f} ({eff.source})"]
     if any(g.generic for g in gpus):

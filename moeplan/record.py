@@ -18,7 +18,9 @@ JSON output (model_dump, model_json_schema) is pydantic's, unchanged.
 from __future__ import annotations
 
 import os
-from typing import Any
+import types
+from functools import lru_cache
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict
 
@@ -34,9 +36,7 @@ class Record(BaseModel):
             super().__init__(**data)
             return
         cls = type(self)
-        floats = cls.__dict__.get("_float_fields")
-        if floats is None:
-            floats = _float_fields(cls)
+        floats = _float_fields(cls)
         values: dict[str, Any] = {}
         for name, field in cls.__pydantic_fields__.items():
             if name in data:
@@ -54,17 +54,13 @@ class Record(BaseModel):
         _set(self, "__pydantic_private__", {k: a.get_default() for k, a in private.items()} if private else None)
 
 
+@lru_cache(maxsize=None)
 def _float_fields(cls: type[Record]) -> frozenset[str]:
     """The fields typed float or float | None, read once per class."""
-    import types
-    from typing import Union, get_args, get_origin
-
     out = set()
     for name, field in cls.__pydantic_fields__.items():
         ann = field.annotation
         args = get_args(ann) if get_origin(ann) in (Union, types.UnionType) else (ann,)
         if float in args and int not in args:
             out.add(name)
-    found = frozenset(out)
-    type.__setattr__(cls, "_float_fields", found)
-    return found
+    return frozenset(out)

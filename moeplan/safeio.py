@@ -237,11 +237,10 @@ def _check_yaml_size(root: yaml.Node, label: str) -> None:
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
-    import yaml
-
-    if isinstance(node, yaml.SequenceNode):
+    # PyYAML's node classes name their kind in `id`: no yaml import on this per-node path.
+    if node.id == "sequence":
         return list(node.value)
-    if isinstance(node, yaml.MappingNode):
+    if node.id == "mapping":
         return [n for pair in node.value for n in pair]
     return []
 
