@@ -30,9 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
 from moeplan.errors import MoeplanError
+from moeplan.record import Record
 
 MIN_EFFICIENCY = 0.05
 MAX_EFFICIENCY = 1.0
@@ -73,10 +72,9 @@ def efficiency(predicted_at_peak_s: float, measured_s: float, upper: float = MAX
 # ----------------------------------------------------------------------------------------------
 
 
-class FitPoint(BaseModel):
+class FitPoint(Record):
     """One measured step and the planner's terms for it at 100% of the peaks."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     measured_s: float
     # (compute_s, memory_s) at peak per term: one per decoder layer (and the lm_head of a full model)
     terms: tuple[tuple[float, float], ...]
@@ -84,10 +82,9 @@ class FitPoint(BaseModel):
     label: str = ""
 
 
-class CalibrationFit(BaseModel):
+class CalibrationFit(Record):
     """The fitted terms, which points informed them, and how well the fitted model predicts the points."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     memory: float
     compute: float
     layer_s: float

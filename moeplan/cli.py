@@ -571,7 +571,7 @@ def perf(
               redundant_experts=redundant_experts, capacity_factor=capacity_factor)
     if res.best is None:
         if as_json:  # perf's keys, null, beside fit's verdict: one shape whether or not a plan fits
-            _print_json({**dict.fromkeys(PerfResult.model_fields), **res.model_dump(), "fits": False})
+            _print_json({**dict.fromkeys(PerfResult.record_fields()), **res.model_dump(), "fits": False})
         else:
             out.print(fit_verdict(res))
         raise typer.Exit(EXIT_MISS)

@@ -18,7 +18,6 @@ Latencies are CUDA-graph figures; an engine without graphs adds its launch cost 
 
 from __future__ import annotations
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 
@@ -30,7 +29,6 @@ KiB, MiB = 2**10, 2**20
 class LinkClass(Record):
     """Measured collective constants for GPUs of one interconnect (per GPU, one direction)."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     # NCCL all-reduce latency floor by group size (us) and large-message busBW (GB/s).
     nccl_lat_us: dict[int, float]

@@ -13,19 +13,17 @@ from __future__ import annotations
 import math
 import re
 
-from pydantic import BaseModel, ConfigDict
-
 from moeplan.errors import MoeplanError
+from moeplan.record import Record
 from moeplan.hardware import Gpu, find_gpu
 
 NO_PRICE_NOTE = "no cost shown: add --price USD_PER_GPU_HOUR (e.g. --price 2.49, or --price H100=2.49,A100-80GB=1.29)"
 MAX_PRICE = 10_000.0  # USD per GPU-hour; anything above is a typo
 
 
-class Price(BaseModel):
+class Price(Record):
     """USD per GPU-hour: one figure for every GPU, or one per catalog name."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     every: float | None = None
     by_gpu: dict[str, float] = {}
     text: str = ""

@@ -20,14 +20,12 @@ launch cost per collective when the engine runs without CUDA graphs. Figures and
 
 from __future__ import annotations
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.errors import MoeplanError
 
 
 class EngineOverhead(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     cuda_graphs: bool
     step_s: float  # fixed per step

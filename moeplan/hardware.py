@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.errors import GpuSpecError
@@ -23,7 +22,6 @@ GB = 10**9
 
 
 class Gpu(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str
     aliases: tuple[str, ...] = ()

@@ -20,7 +20,6 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Literal
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.params import derived, layer_group_ids, layer_groups
@@ -31,7 +30,6 @@ Kind = Literal["grows", "window", "state"]
 
 
 class CacheTerm(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str  # what it is, as the memory breakdown prints it
     elements: int  # values per row
     dtype_bytes: float | None = None  # None: the KV cache dtype; else this state's own element size
@@ -164,7 +162,6 @@ def _compressed_terms(spec: ModelSpec, layer: LayerSpec) -> tuple[CacheTerm, ...
 class CacheBytes(Record):
     """Bytes for `batch` sequences of `context` tokens over some layers, by kind and by term."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     grows: int  # rows that grow with context
     window: int  # rows capped at a window or chunk
     state: int  # fixed per-sequence state

@@ -25,7 +25,6 @@ from collections import Counter
 from functools import lru_cache
 from collections.abc import Callable
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.hardware import Gpu
@@ -42,7 +41,6 @@ from moeplan.spec import LayerSpec, ModelSpec
 
 
 class Layout(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     tp: int  # GPUs per stage that split attention (1 under DP attention)
     ep: int  # GPUs per stage that split the routed experts (1 = experts tensor-sliced over tp)
     pp: int  # pipeline stages
@@ -60,7 +58,6 @@ class Layout(Record):
 
 
 class GpuUse(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     index: int  # first GPU index this row stands for
     count: int = 1  # identical GPUs this row stands for
@@ -143,7 +140,6 @@ def stage_bounds(stage_layers: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
 
 
 class Scenario(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     context: int
     batch: int
     kv_dtype: str = "bf16"

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.errors import MoeplanError
@@ -39,7 +38,6 @@ _DENSE_ACT_COEFF = 14  # llm-d Llama-8B: 4.76 GiB peak less its logits
 
 
 class Weights(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     by_component: dict[str, int]
     total: int
@@ -115,7 +113,6 @@ def overhead_bytes(num_gpus: int, *, cuda_graphs: bool = True) -> int:
 class MemoryReport(Record):
     """`model_dump()` is exactly `moeplan memory --json`."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     model: str
     quant: str
     quant_description: str

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.errors import MoeplanError
@@ -49,7 +48,6 @@ P99_Z = 2.326
 
 
 class OffloadSpeed(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     cache_slots: int  # experts per offloaded layer kept on the GPU
     hit_rate: float
     locality: float

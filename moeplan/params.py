@@ -14,7 +14,6 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.spec import Gemma4VisionSpec, LayerSpec, ModelSpec, QwenVisionSpec, SiglipVisionSpec
@@ -40,7 +39,6 @@ COMPONENTS = (
 
 
 class Component(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     name: str
     total: int
     active: int
@@ -49,7 +47,6 @@ class Component(Record):
 class ParamCount(Record):
     """`model_dump()` of this is exactly `moeplan params --json`."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     model: str
     hub_id: str | None
     total_params: int

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.comm import NIC, LinkClass, allreduce_s, alltoall_s, link_for
@@ -53,7 +52,6 @@ class Efficiency(Record):
     SGLang prefill reach on H100 (MFU reports of 50-70% for bf16 GEMMs; aiconfigurator's measured
     GEMM tables). Replaced by `moeplan bench --save-calibration` when a calibration exists."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     memory: float = 0.80
     compute: float = 0.60
     # Measured overheads (a calibration's intercepts): when set they replace the engine's per-layer
@@ -147,7 +145,6 @@ def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, eng
 
 
 class StepCost(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     seconds: float
     compute_s: float
     memory_s: float
@@ -394,7 +391,6 @@ def error_band(engine: str, batch: int, *, offload: bool = False,
 class PerfResult(Record):
     """`model_dump()` is exactly `moeplan perf --json`."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     model: str
     gpus: str
     quant: str
@@ -649,7 +645,6 @@ def perf_report(
 
 
 class LayerPrediction(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     decode_s: float
     prefill_s: float
     decode_bytes: float

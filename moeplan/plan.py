@@ -9,10 +9,8 @@ import math
 from collections.abc import Callable
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
-
-from moeplan.record import Record
 from moeplan.errors import MoeplanError, RedundantExpertsError
+from moeplan.record import Record
 from moeplan.hardware import Gpu
 from moeplan.layout import (
     GpuUse, Layout, Scenario, candidate_layouts, dispatch_buffer_bytes, even_stages, gpu_rows, stage_activation_bytes,
@@ -38,7 +36,6 @@ class OffloadOptions(Record):
     """Host-side settings of an offload plan (moeplan.offload): RAM and disk bandwidth, routing locality,
     and a fixed number of GPU cache slots per offloaded layer (None: what the GPUs have left)."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     host_gb_per_s: float = RAM_GB_PER_S[DEFAULT_RAM]
     disk_gb_per_s: float = DISK_GB_PER_S
     locality: float | None = None  # None: Mixtral's measured 0.34, or the routing's independent reuse if higher
@@ -50,7 +47,6 @@ class Offload(Record):
     """Routed experts of the first `cpu_moe_layers` MoE layers kept in host memory (llama.cpp
     --n-cpu-moe), RAM first and disk (mmap) for what RAM cannot hold."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     engine: str = "llama.cpp"
     cpu_moe_layers: int
     moe_layers: int
@@ -69,7 +65,6 @@ class Offload(Record):
 
 
 class Speed(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     decode_tok_per_s: float
     decode_tok_per_s_total: float
     prefill_tok_per_s: float
@@ -107,7 +102,6 @@ class Speed(Record):
 
 
 class Plan(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     layout: str
     tp: int
@@ -129,10 +123,9 @@ class Plan(Record):
 PREFERENCES = ("latency", "throughput", "memory")
 
 
-class LayoutRequest(BaseModel):
+class LayoutRequest(Record):
     """A layout the user forces (`--tp N --ep N --pp N --dp-attention`, or a spec's `layout:`)."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     tp: int | None = None
     ep: int | None = None
     pp: int | None = None
@@ -238,7 +231,6 @@ def check_request(spec: ModelSpec, gpus: tuple[Gpu, ...], nodes: int, req: Layou
 
 
 class QuantVerdict(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
     quant: str
     fits: bool
     weights_bytes: int
@@ -248,7 +240,6 @@ class QuantVerdict(Record):
 class FitResult(Record):
     """`model_dump()` is exactly `moeplan fit --json`."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     model: str
     gpus: str
     num_gpus: int

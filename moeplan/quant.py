@@ -23,7 +23,6 @@ import re
 from functools import lru_cache
 from typing import Literal
 
-from pydantic import ConfigDict
 
 from moeplan.record import Record
 from moeplan.errors import ConfigError, QuantError
@@ -52,7 +51,6 @@ def ggml_bpw(type_name: str) -> float:
 
 
 class QuantScheme(Record):
-    model_config = ConfigDict(frozen=True, defer_build=True)
 
     name: str
     description: str

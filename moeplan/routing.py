@@ -25,8 +25,6 @@ from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
-from pydantic import BaseModel, ConfigDict
-
 from moeplan.record import Record
 
 # Beyond this many expected assignments per rank the normal approximation replaces the exact sums.
@@ -39,7 +37,6 @@ _SAMPLES = 400
 class RankLoad(Record):
     """Expected per-rank figures for one MoE layer and one step of T tokens over R ranks."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)
     distinct_total: float  # distinct experts the batch touches, over all ranks
     distinct_mean: float  # per rank, averaged over ranks
     distinct_max: float  # on the busiest rank (what its weight reads wait for)
@@ -522,10 +519,9 @@ def _binomial(n: int, p: float) -> list[float]:
 MAX_ROUTING_FILE_BYTES = 16 * 2**20
 
 
-class Routing(BaseModel):
+class Routing(Record):
     """Each expert's share of routed picks, per MoE layer (None: uniform). `label` says where it came from."""
 
-    model_config = ConfigDict(frozen=True, defer_build=True)  # validator built on first use: fit makes none
     label: str = "uniform"
     per_layer: tuple[tuple[float, ...], ...] | None = None  # one tuple of E shares per MoE layer
 

@@ -1,4 +1,4 @@
-"""moeplan.record: computed values are built without validation in normal runs (start-up time,
+"""moeplan.record: computed values are plain classes built without validation in normal runs (start-up time,
 issue 17). The rest of the suite validates every one (tests/conftest.py); this checks that the
 unvalidated path gives the same answers, byte for byte, and still fails loudly on a bug."""
 
@@ -65,3 +65,53 @@ def test_whole_processes_print_the_same_json_either_way(args: list[str]) -> None
                            env={**os.environ, "MOEPLAN_VALIDATE_RECORDS": flag}) for flag in ("1", "0")]
     assert runs[0].returncode in (0, 1), runs[0].stderr
     assert (runs[1].returncode, runs[1].stdout) == (runs[0].returncode, runs[0].stdout)
+
+
+def test_a_record_refuses_an_unknown_field_and_compares_copies_and_pickles_by_value(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import copy
+    import pickle
+
+    monkeypatch.setattr(record, "VALIDATE", False)
+    with pytest.raises(TypeError, match="Scenario: unknown field"):
+        Scenario(context=4096, batch=2, bogus=1)
+    sc = Scenario(context=4096, batch=2)
+    assert sc == copy.copy(sc) == copy.deepcopy(sc) == pickle.loads(pickle.dumps(sc))
+    assert hash(sc) == hash(Scenario(context=4096, batch=2)) and sc != Scenario(context=4096, batch=3)
+    moved = sc.model_copy(update={"batch": 8})
+    assert (moved.batch, sc.batch, moved.model_fields_set) == (8, 2, {"context", "batch"})
+    with pytest.raises(TypeError, match="unknown field"):
+        sc.model_copy(update={"bogus": 1})
+    assert Scenario.record_fields()[:2] == ("context", "batch")
+
+
+def test_a_record_in_a_pydantic_model_is_validated_and_dumped_by_its_twin() -> None:
+    from pydantic import BaseModel, ValidationError
+
+    class Holder(BaseModel):
+        scenario: Scenario | None = None
+
+    sc = Scenario(context=4096, batch=2)
+    assert Holder(scenario=sc).scenario is sc  # an instance passes as it is
+    made = Holder.model_validate({"scenario": {"context": 1024, "batch": 4}}).scenario
+    assert isinstance(made, Scenario) and (made.context, made.batch) == (1024, 4)
+    assert Holder(scenario=sc).model_dump()["scenario"] == sc.model_dump()
+    with pytest.raises(ValidationError):
+        Holder.model_validate({"scenario": {"context": "many", "batch": 4}})
+    assert "Scenario" in Holder.model_json_schema()["$defs"]
+
+
+def test_a_plain_fit_builds_no_pydantic_twin() -> None:
+    # Start-up (issue 17): a Record's pydantic twin is built only for JSON, schemas or validation.
+    import os
+    import subprocess
+    import sys
+
+    code = ("import sys, io; from moeplan import cli, record; sys.argv = ['moeplan', 'fit', 'mixtral-8x7b', '--gpus', "
+            "'2x24GB']\ntry: cli.main()\nexcept SystemExit: pass\n"
+            "def walk(c):\n    for s in c.__subclasses__():\n        yield s\n        yield from walk(s)\n"
+            "print('TWINS', sorted(c.__name__ for c in walk(record.Record) if '__record_twin__' in c.__dict__), "
+            "file=sys.stderr)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "MOEPLAN_VALIDATE_RECORDS": "0"})
+    assert "TWINS []" in run.stderr, run.stderr

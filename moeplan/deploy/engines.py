@@ -109,7 +109,7 @@ KV_CACHE_CHOICES: dict[str, frozenset[str]] = {
 # AWQ, NVFP4, MXFP4) need a checkpoint already quantized that way, whose config the engine reads.
 ONLINE_QUANT = frozenset({"fp8"})  # vLLM "dynamic fp8"; SGLang --quantization fp8 on a bf16 checkpoint
 # The engines' prefill chunk, which the plan's activation memory assumed (Scenario.chunk_tokens).
-CHUNK_TOKENS: int = Scenario.model_fields["chunk_tokens"].default
+CHUNK_TOKENS: int = Scenario.chunk_tokens  # the field default (a Record class attribute)
 # The program each engine's command starts with (its tokens are not the engine's flags).
 ENGINE_PROGRAM: dict[str, tuple[str, ...]] = {
     "vllm": ("vllm", "serve"), "sglang": ("python", "-m", "sglang.launch_server"), "llama.cpp": ("llama-server",),
