@@ -101,6 +101,9 @@ DS6_DECODE_BATCH = round(18 * 14800 / 21)  # 18 nodes x 14.8k tok/s per node / 2
 # table repeats and assumed for the 1K and 2K runs.
 LMSYS_DECODE_BATCH = 9 * 8 * 256
 LMSYS_PREFILL_TOKENS_PER_GPU = 16384
+# The llama.cpp engine classes whose per-layer cost is fitted with their efficiency, and the backend
+# key of moeplan.engines.LLAMACPP_LAYER_S each one sets.
+LLAMACPP_BACKENDS = {"llama.cpp": "nvidia", "llama.cpp (Apple)": "apple"}
 M2MAX_QUANTS = ("q2_k", "q3_k_m", "q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0")  # the source's rows moeplan has
 
 FIT_CASES: tuple[Case, ...] = (
@@ -140,6 +143,11 @@ FIT_CASES: tuple[Case, ...] = (
          outlier="O2"),
     *(Case(f"m2max-{q}", "mixtral-8x7b", "1xM2-Max", q, "decode_tok_s", context=128, prompt=128, current=False)
       for q in M2MAX_QUANTS),
+    # XiongjieDai (May 2024): dense Llama-3 Q4_K_M, tg 512 (the context grows 0 -> 512: 256 on average).
+    *(Case(f"xd-{g.lower().replace('-', '')}-{m}", f"llama-3.1-{m}", f"1x{g}", "q4_k_m", "decode_tok_s", context=256,
+           prompt=1, current=False)
+      for g, m in (("M2-Ultra", "8b"), ("M2-Ultra", "70b"), ("M3-Max", "8b"), ("M3-Max", "70b"), ("RTX4090", "8b"),
+                   ("RTX3090", "8b"), ("A6000", "8b"), ("A6000", "70b"))),
     # Quantization not stated in the comment: 20 layers filling a 24 GB card is ~1 GB a layer, Q5_K_M's
     # size (Q4_0 layers are ~0.8 GB and would let ~26 fit). fit picks 12 CPU-MoE layers, as many as the
     # 12 decoder layers the user left on the CPU.
@@ -521,32 +529,78 @@ def report() -> str:
                         table(test_rows, bands=True), summary(fit_rows, test_rows), excluded_table()])
 
 
+def _clear() -> None:
+    _run_cli.cache_clear()
+    _fit_cli.cache_clear()
+
+
+def _seconds_per_token(case: Case) -> float:
+    return 1 / predict(case).value  # decode_tok_s rows: one sequence
+
+
+def fit_llamacpp(cls: str, backend: str, ids: tuple[str, ...]) -> tuple[float, float]:
+    """llama.cpp's memory efficiency E and per-layer cost L for one engine class, fitted together on
+    its EFFICIENCY_FIT_ROWS: a batch-1 token costs M / E + n L + c (M: its weight and cache reads at
+    full bandwidth, n: its layers, c: the rest), so each row's M, n and c come from three predictions,
+    and (1/E, L) is the least-squares fit of the relative errors, a 2 x 2 linear solve. Rounded to
+    0.001 and 1 us."""
+    from moeplan import engines, perf
+
+    by_id = {c.id: c for c in FIT_CASES}
+    saved_e, saved_l = perf.ENGINE_MEMORY_EFFICIENCY[cls], engines.LLAMACPP_LAYER_S[backend]
+    terms = []
+    try:
+        for i in ids:
+            t = []
+            for e, layer in ((1.0, 0.0), (0.5, 0.0), (1.0, 1e-3)):
+                perf.ENGINE_MEMORY_EFFICIENCY[cls], engines.LLAMACPP_LAYER_S[backend] = e, layer
+                _clear()
+                t.append(_seconds_per_token(by_id[i]))
+            m, n = t[1] - t[0], (t[2] - t[0]) / 1e-3
+            terms.append((m, n, t[0] - m, 1 / published()["cases"][i]["value"]))
+    finally:
+        perf.ENGINE_MEMORY_EFFICIENCY[cls], engines.LLAMACPP_LAYER_S[backend] = saved_e, saved_l
+        _clear()
+    # minimize sum(((a m + L n + c) - t) / t)^2 over a = 1/E and L
+    saa = sum((m / t) ** 2 for m, _, _, t in terms)
+    sal = sum(m * n / t**2 for m, n, _, t in terms)
+    sll = sum((n / t) ** 2 for _, n, _, t in terms)
+    ya = sum(m * (t - c) / t**2 for m, _, c, t in terms)
+    yl = sum(n * (t - c) / t**2 for _, n, c, t in terms)
+    det = saa * sll - sal**2
+    a, layer = (ya * sll - yl * sal) / det, (saa * yl - sal * ya) / det
+    return round(1 / a, 3), round(max(layer, 0.0), 6)
+
+
 def fit_efficiency() -> dict[str, float]:
     """The memory efficiency per engine class that brings the geometric mean speed ratio of its
-    EFFICIENCY_FIT_ROWS (fitting set only) to 1, by bisection on moeplan.perf.ENGINE_MEMORY_EFFICIENCY."""
+    EFFICIENCY_FIT_ROWS (fitting set only) to 1, by bisection on moeplan.perf.ENGINE_MEMORY_EFFICIENCY;
+    for the llama.cpp classes of LLAMACPP_BACKENDS, efficiency and per-layer cost together
+    (fit_llamacpp; the per-layer cost under "<class> layer_s")."""
     import math
 
     from moeplan import perf
 
     by_id = {c.id: c for c in FIT_CASES}
     saved = dict(perf.ENGINE_MEMORY_EFFICIENCY)
-    out = {}
+    out: dict[str, float] = {}
     try:
         for cls, ids in perf.EFFICIENCY_FIT_ROWS.items():
+            if cls in LLAMACPP_BACKENDS:
+                out[cls], out[f"{cls} layer_s"] = fit_llamacpp(cls, LLAMACPP_BACKENDS[cls], ids)
+                continue
             lo, hi = 0.2, 1.0
             for _ in range(30):
                 mid = (lo + hi) / 2
                 perf.ENGINE_MEMORY_EFFICIENCY[cls] = mid
-                _run_cli.cache_clear()
-                _fit_cli.cache_clear()
+                _clear()
                 mean = math.exp(sum(math.log(predict(by_id[i]).speed_ratio) for i in ids) / len(ids))
                 lo, hi = (lo, mid) if mean > 1 else (mid, hi)
             out[cls] = round((lo + hi) / 2, 3)
             perf.ENGINE_MEMORY_EFFICIENCY[cls] = saved[cls]
     finally:
         perf.ENGINE_MEMORY_EFFICIENCY.update(saved)
-        _run_cli.cache_clear()
-        _fit_cli.cache_clear()
+        _clear()
     return out
 
 

@@ -11,9 +11,15 @@ launch cost per collective when the engine runs without CUDA graphs. Figures and
   (SGLang#1401: Llama-3-8B bs1 7.06 ms with graphs, 9.28 ms without, over 32 layers) and +16 us per
   collective on Hopper, +39 us on A100 (aiconfigurator: vLLM eager vs graph all-reduce floors,
   ~20-23 us vs 4.2-4.7 us on H100, ~44 us vs 4.9-5.7 us on A100).
-- llama.cpp with CUDA graphs (its default since PR#6766): the same 30 us floor; without graphs
-  +27 us per layer (issue #6763: llama-2-7b Q4_K_M on H100 143 -> 164 tok/s with graphs, 0.87 ms
-  over 32 layers). Its per-step fixed cost, sampling on the CPU: 0.3 ms, assumed like vLLM's.
+- llama.cpp: a per-layer cost FITTED with its memory efficiency on the fitting set's dense llama-bench
+  rows (benchmarks/validate.py --fit-efficiency; docs/validation.md), one pair per backend, because
+  a batch-1 token costs bytes / (bandwidth x efficiency) + layers x cost and the two only separate
+  across model sizes: Llama-3 8B (32 layers) and 70B (80 layers) Q4_K_M tg512, XiongjieDai's
+  GPU-Benchmarks-on-LLM-Inference (May 2024). On NVIDIA GPUs (CUDA, graphs by default since PR#6766)
+  LLAMACPP_LAYER_S["nvidia"]; without graphs +27 us per layer (issue #6763: llama-2-7b Q4_K_M on H100
+  143 -> 164 tok/s with graphs, 0.87 ms over 32 layers). On Apple GPUs (Metal, no graphs: every
+  kernel is encoded per token) LLAMACPP_LAYER_S["apple"], fitted with the M2 Max Mixtral table too.
+  Other vendors take NVIDIA's. Its per-step fixed cost, sampling on the CPU: 0.3 ms, assumed like vLLM's.
 - A plain eager PyTorch loop (HF generate-style): +0.9 ms per layer (gpt-fast: Llama-2-7B eager
   25.5 tok/s against 105 tok/s compiled on A100, ~30 ms per token over 32 layers), 1 ms fixed.
 """
@@ -38,6 +44,9 @@ _GRAPH_LAYER_S = 30e-6
 _EAGER_LAYER_S = 69e-6  # SGLang#1401
 _LLAMACPP_EAGER_LAYER_S = 27e-6  # llama.cpp#6763
 _STEP_S = 0.3e-3  # assumed, see the docstring
+# FITTED (docs/validation.md, `python benchmarks/validate.py --fit-efficiency`; tests/test_validation.py
+# checks these equal its output): llama.cpp's per-layer cost per token, by GPU vendor.
+LLAMACPP_LAYER_S: dict[str, float] = {"nvidia": 74e-6, "apple": 208e-6}
 
 ENGINES: dict[tuple[str, bool], EngineOverhead] = {
     ("vllm", True): EngineOverhead(name="vllm", cuda_graphs=True, step_s=_STEP_S, layer_s=_GRAPH_LAYER_S,
@@ -63,11 +72,16 @@ ENGINES: dict[tuple[str, bool], EngineOverhead] = {
 ENGINE_NAMES = ("vllm", "sglang", "llama.cpp", "pytorch")
 
 
-def overhead(engine: str, cuda_graphs: bool = True, *, a100: bool = False) -> EngineOverhead:
+def overhead(engine: str, cuda_graphs: bool = True, *, a100: bool = False, vendor: str | None = None) -> EngineOverhead:
     key = {"llamacpp": "llama.cpp", "torch": "pytorch", "eager": "pytorch"}.get(engine, engine)
     found = ENGINES.get((key, cuda_graphs))
     if found is None:
         raise MoeplanError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINE_NAMES)}")
+    if key == "llama.cpp":
+        backend = "apple" if vendor == "apple" else "nvidia"
+        fitted = LLAMACPP_LAYER_S[backend] + (0.0 if cuda_graphs or backend == "apple" else _LLAMACPP_EAGER_LAYER_S)
+        return found.model_copy(update={"layer_s": fitted, "source": f"{found.source}; per-layer cost fitted for "
+                                        f"{backend} GPUs (docs/validation.md)"})
     if a100 and found.collective_s:
         # [aic] vLLM eager all-reduce on A100: ~44 us against 4.9-5.7 us under graphs.
         return found.model_copy(update={"collective_s": 39e-6})

@@ -83,16 +83,20 @@ def distinct_experts_per_rank(num_experts: int, top_k: int, tokens: float, ep: i
 #   concurrency 8-64 (the fitting set's current single-node rows);
 # - gpu serving (AMD): vLLM and SGLang on AMD GPUs, the sgl-cookbook Llama 4 rows (SGLang 0.5.7, TP8 on
 #   8 x MI300X, concurrency 1 and 16);
-# - llama.cpp: the M2 Max llama-bench table of llama.cpp PR#4406 (Mixtral, seven quantizations);
+# - llama.cpp (NVIDIA GPUs, CUDA kernels): XiongjieDai's GPU-Benchmarks-on-LLM-Inference tables
+#   (llama.cpp llama-bench tg128, Llama 3 8B / 70B Q4_K_M on RTX 4090, RTX 3090, RTX A6000);
+# - llama.cpp (Apple): the M2 Max llama-bench table of llama.cpp PR#4406 (Mixtral, seven
+#   quantizations) and XiongjieDai's M2 Ultra / M3 Max rows (Llama 3 8B / 70B Q4_K_M);
 # - llama.cpp cpu experts: the share of the host RAM bandwidth (--cpu-bw) llama.cpp's CPU kernels reach
 #   on experts kept in RAM (--n-cpu-moe), on the two offload rows (ollama#1556; llmfit PR#755).
 # aiconfigurator's 0.80 bandwidth derate ([aic] systems/*.yaml) stays the figure for anything else.
-ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "gpu serving (AMD)": 0.26, "llama.cpp": 0.636,
-                                              "llama.cpp cpu experts": 0.447}
+ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "gpu serving (AMD)": 0.26, "llama.cpp": 0.884,
+                                              "llama.cpp (Apple)": 0.837, "llama.cpp cpu experts": 0.45}
 EFFICIENCY_FIT_ROWS = {
     "gpu serving": ("inferencex-c8-tpot", "inferencex-c16-tpot", "inferencex-c32-tpot", "inferencex-c64-tpot"),
-    "llama.cpp": ("m2max-q2_k", "m2max-q3_k_m", "m2max-q4_k_m", "m2max-q4_0", "m2max-q5_k_m", "m2max-q6_k",
-                  "m2max-q8_0"),
+    "llama.cpp": ("xd-rtx4090-8b", "xd-rtx3090-8b", "xd-a6000-8b", "xd-a6000-70b"),
+    "llama.cpp (Apple)": ("m2max-q2_k", "m2max-q3_k_m", "m2max-q4_k_m", "m2max-q4_0", "m2max-q5_k_m", "m2max-q6_k",
+                          "m2max-q8_0", "xd-m2ultra-8b", "xd-m2ultra-70b", "xd-m3max-8b", "xd-m3max-70b"),
     "llama.cpp cpu experts": ("rtx4090-offload", "llmfit-755-qwen3-30b"),
     "gpu serving (AMD)": ("mi300x-maverick-c1", "mi300x-maverick-c16", "mi300x-scout-c1", "mi300x-scout-c16"),
 }
@@ -100,9 +104,10 @@ EFFICIENCY_FIT_ROWS = {
 
 def engine_class(engine: str | None, vendor: str | None = None) -> str:
     """The class an engine's fitted efficiency and error band belong to. vLLM and SGLang on AMD GPUs
-    (ROCm kernels) are their own class: fitted on AMD rows, not NVIDIA ones."""
+    (ROCm kernels) are their own class: fitted on AMD rows, not NVIDIA ones; so is llama.cpp on Apple
+    GPUs (Metal kernels, unified memory), fitted on Apple rows."""
     if engine in ("llama.cpp", "llamacpp"):
-        return "llama.cpp"
+        return "llama.cpp (Apple)" if vendor == "apple" else "llama.cpp"
     return "gpu serving (AMD)" if vendor == "amd" else "gpu serving"
 
 
@@ -127,8 +132,8 @@ def efficiency_for(gpu: Gpu, dtype: str, override: Efficiency | None = None, eng
     per-step overheads hold only for the launch mode they were timed in (CUDA graphs or eager)."""
     if override is not None:
         return override
-    if engine_class(engine) == "llama.cpp":
-        return default_efficiency(engine)
+    if engine_class(engine).startswith("llama.cpp"):
+        return default_efficiency(engine, gpu.vendor)
     try:
         from moeplan.calibration import load_calibration
     except ImportError:  # pragma: no cover - calibration ships with the package
@@ -218,7 +223,7 @@ def step_cost(
     bw = gpu.hbm_gb_per_s * 1e9 * eff.memory
     link = link_for(gpu.link)
     per_node = len(gpus) // max(nodes, 1)
-    eng = overhead(engine, cuda_graphs, a100=gpu.link == "NVLink3")
+    eng = overhead(engine, cuda_graphs, a100=gpu.link == "NVLink3", vendor=gpu.vendor)
     if eff.layer_s is not None or eff.step_s is not None:  # a calibration measured them on this device
         eng = eng.model_copy(update={"layer_s": eff.layer_s if eff.layer_s is not None else eng.layer_s,
                                      "step_s": eff.step_s if eff.step_s is not None else eng.step_s})
@@ -363,11 +368,13 @@ OP_OFFLOAD_MIN_TOKENS = 32
 ERROR_BANDS: dict[str, tuple[float, float]] = {
     "gpu serving (AMD), batch 1-4": (1.12, 1.41), "gpu serving (AMD), batch > 4": (0.76, 0.84),
     "gpu serving, batch 1-4": (0.81, 1.79), "gpu serving, batch > 4": (0.62, 1.15),
-    "llama.cpp, batch 1-4": (0.80, 1.34), "llama.cpp, offload": (0.92, 1.09), "any": (0.62, 1.79),
+    "llama.cpp (Apple), batch 1-4": (0.91, 1.35), "llama.cpp, batch 1-4": (0.97, 1.05),
+    "llama.cpp, offload": (0.94, 1.07), "any": (0.62, 1.79),
 }
 BAND_ROWS: dict[str, int] = {"gpu serving (AMD), batch 1-4": 2, "gpu serving (AMD), batch > 4": 2,
-                             "gpu serving, batch 1-4": 2, "gpu serving, batch > 4": 16, "llama.cpp, batch 1-4": 7,
-                             "llama.cpp, offload": 2, "any": 31}
+                             "gpu serving, batch 1-4": 2, "gpu serving, batch > 4": 16,
+                             "llama.cpp (Apple), batch 1-4": 11, "llama.cpp, batch 1-4": 4, "llama.cpp, offload": 2,
+                             "any": 39}
 _MIN_BAND_ROWS = 3
 
 

@@ -247,3 +247,32 @@ def test_a_decode_batch_is_many_sequences_of_one_token():
                          context=8192).flops
 
     assert flops(64) == pytest.approx(64 * flops(1), rel=1e-9)
+
+
+def test_llamacpp_per_layer_cost_is_fitted_per_backend():
+    # moeplan.engines.LLAMACPP_LAYER_S: fitted with llama.cpp's efficiency on dense llama-bench rows of
+    # two model sizes (XiongjieDai, May 2024; docs/validation.md). Metal encodes every kernel per token,
+    # so Apple's per-layer cost is higher than CUDA's, where graphs replay them.
+    from moeplan.engines import LLAMACPP_LAYER_S, overhead
+
+    apple, nvidia = overhead("llama.cpp", True, vendor="apple"), overhead("llama.cpp", True, vendor="nvidia")
+    assert (apple.layer_s, nvidia.layer_s) == (LLAMACPP_LAYER_S["apple"], LLAMACPP_LAYER_S["nvidia"])
+    assert apple.layer_s > 2 * nvidia.layer_s
+    assert overhead("llama.cpp", True, vendor="amd").layer_s == nvidia.layer_s
+    assert overhead("llama.cpp", False, vendor="nvidia").layer_s - nvidia.layer_s == pytest.approx(27e-6)
+    assert overhead("llama.cpp", False, vendor="apple").layer_s == apple.layer_s  # no CUDA graphs on Metal
+
+
+def test_llamacpp_fit_reproduces_the_two_model_sizes():
+    # The published Llama-3 8B / 70B Q4_K_M tg512 rows on an M2 Ultra (78.81 and 12.48 tok/s,
+    # XiongjieDai README, May 2024): one (efficiency, per-layer cost) pair predicts both within 15%.
+    from typer.testing import CliRunner
+
+    from moeplan.cli import app
+
+    for model, published in (("llama-3.1-8b", 78.81), ("llama-3.1-70b", 12.48)):
+        out = CliRunner().invoke(app, ["perf", model, "--gpus", "1xM2-Ultra", "--quant", "q4_k_m", "--context", "256",
+                                       "--prompt", "1", "--json"])
+        assert out.exit_code == 0, out.output
+        rate = json.loads(out.output)["decode_tok_per_s"]
+        assert 0.85 < rate / published < 1.15, (model, rate)

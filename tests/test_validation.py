@@ -66,10 +66,14 @@ def test_the_sets_do_not_overlap():
 
 
 def test_fitted_efficiencies_are_what_the_fitting_set_gives():
-    from moeplan import perf
+    from moeplan import engines, perf
 
     fitted = validate.fit_efficiency()
+    layer = {k.removesuffix(" layer_s"): fitted.pop(k) for k in list(fitted) if k.endswith(" layer_s")}
     assert fitted == pytest.approx(perf.ENGINE_MEMORY_EFFICIENCY, abs=1e-3)
+    # llama.cpp's per-layer cost, fitted with its efficiency, per backend (moeplan.engines)
+    assert {validate.LLAMACPP_BACKENDS[k]: v for k, v in layer.items()} == pytest.approx(
+        engines.LLAMACPP_LAYER_S, abs=1e-6)
     for cls, ids in perf.EFFICIENCY_FIT_ROWS.items():
         assert all(CASES[i].set == "fit" for i in ids), cls
 
@@ -108,9 +112,9 @@ def test_doc_holds_the_script_output_verbatim(rows):
 def test_summary_counts(rows):
     # Changing a count is a decision: update this test, the doc's prose and the README together.
     test_rows = [rows[c.id] for c in validate.TEST_CASES]
-    assert validate.counts(test_rows, validate.CLOSE) == (7, 20)
+    assert validate.counts(test_rows, validate.CLOSE) == (8, 20)
     assert validate.counts(test_rows, validate.GOAL) == (20, 20)
-    assert sum(r.in_band for r in test_rows) == 14
+    assert sum(r.in_band for r in test_rows) == 15
 
 
 def test_prose_counts_match_the_summary(rows):
