@@ -37,33 +37,42 @@ _MUTABLE = (list, dict, set)
 class Record:
     """A frozen record of typed fields (see the module docstring)."""
 
+    # The field values live in __dict__; which were given (model_fields_set) in a slot beside it, so
+    # that equality, hashing and repr see the values only, as a BaseModel's do.
+    __slots__ = ("__dict__", "_fields_set")
+
     # Per class, built on first use: (name, default or _MISSING) in declaration order, base classes'
     # fields first; the float fields; the pydantic twin.
     __record_fields__: ClassVar[tuple[tuple[str, Any], ...]]
     __record_floats__: ClassVar[frozenset[str]]
 
+    # A class whose instances come from user input sets this: every instance is then validated by its
+    # twin, as a BaseModel's is (model_construct skips it, for values already validated once).
+    __record_validate__: ClassVar[bool] = False
+    # The twin's ConfigDict beyond frozen=True and defer_build=True (extra="forbid", ...).
+    __twin_config__: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def __twin_validators__(cls) -> dict[str, Any]:
+        """pydantic validators (field_validator / model_validator objects) for this class's twin, by
+        name; called once, when the twin is built, so pydantic is imported only then. A twin inherits
+        its base twin's. In them, `type(self).__record__` (or `cls.__record__`) is the Record class."""
+        return {}
+
     def __init__(self, /, **data: Any) -> None:
         cls = type(self)
-        if VALIDATE:
+        if VALIDATE or cls.__record_validate__:
             _fill(self, _twin(cls)(**data))
             return
-        fields = _fields(cls)
-        floats = cls.__dict__["__record_floats__"]
-        values: dict[str, Any] = {}
-        given = 0
-        for name, default in fields:
-            if name in data:
-                value = data[name]
-                values[name] = float(value) if type(value) is int and name in floats else value
-                given += 1
-            elif default is _MISSING:
-                raise TypeError(f"{cls.__name__}: missing required field {name!r}")
-            else:
-                values[name] = copy.deepcopy(default) if isinstance(default, _MUTABLE) else default
-        if given != len(data):
-            raise TypeError(f"{cls.__name__}: unknown field(s) {', '.join(map(repr, sorted(data.keys() - values.keys())))}")
-        _set(self, "__dict__", values)
-        _set(self, "_fields_set", frozenset(data))
+        _build(self, data)
+
+    @classmethod
+    def model_construct(cls, **data: Any) -> Record:
+        """An instance of `data`, unvalidated, as BaseModel.model_construct (defaults filled, an int in
+        a float field made a float): for values already validated once (the precompiled card index)."""
+        out = object.__new__(cls)
+        _build(out, data)
+        return out
 
     # -- frozen, compared and hashed by value, as a frozen BaseModel ---------------------------------
 
@@ -166,6 +175,28 @@ class Record:
                 lambda v: _as_twin(v) if isinstance(v, Record) else v, return_schema=inner))
 
 
+def _build(record: Record, data: dict[str, Any]) -> None:
+    """`record` holds `data` and the defaults for the rest, unvalidated (see the module docstring)."""
+    cls = type(record)
+    fields = _fields(cls)
+    floats = cls.__dict__["__record_floats__"]
+    values: dict[str, Any] = {}
+    given = 0
+    for name, default in fields:
+        if name in data:
+            value = data[name]
+            values[name] = float(value) if type(value) is int and name in floats else value
+            given += 1
+        elif default is _MISSING:
+            raise TypeError(f"{cls.__name__}: missing required field {name!r}")
+        else:
+            values[name] = copy.deepcopy(default) if isinstance(default, _MUTABLE) else default
+    if given != len(data):
+        raise TypeError(f"{cls.__name__}: unknown field(s) {', '.join(map(repr, sorted(data.keys() - values.keys())))}")
+    _set(record, "__dict__", values)
+    _set(record, "_fields_set", frozenset(data))
+
+
 def _fields(cls: type[Record]) -> tuple[tuple[str, Any], ...]:
     """The class's fields with their defaults, read once per class from its annotations (strings,
     under `from __future__ import annotations`): names starting with "_" and ClassVars are not
@@ -216,8 +247,11 @@ def _twin(cls: type[Record]) -> Any:
     namespace: dict[str, Any] = {
         "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
         "__annotations__": {name: own[name] for name, _ in fields if name in own},
-        "model_config": ConfigDict(frozen=True, defer_build=True),
+        "model_config": ConfigDict(frozen=True, defer_build=True, **cls.__dict__.get("__twin_config__", {})),
+        "__record__": cls,
     }
+    if "__twin_validators__" in cls.__dict__:  # its own; a base twin's are inherited
+        namespace.update(cls.__twin_validators__())
     for name, default in fields:
         if name in own and default is not _MISSING:
             namespace[name] = default

@@ -9,9 +9,13 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, field_validator, model_validator
+# Field, NonNegativeInt and PositiveInt appear only in annotations, read when a class's pydantic twin is
+# built (moeplan.record); pydantic is imported already by then (typer imports it to parse options).
+from pydantic import Field, NonNegativeInt, PositiveInt
+
 
 from moeplan.errors import ConfigError
+from moeplan.record import Record
 
 Mixer = Literal["full", "sliding", "chunked", "mamba", "linear", "compressed"]
 Ffn = Literal["dense", "moe"]
@@ -35,39 +39,51 @@ def _scalar_kinds(annotation: Any) -> set[type]:
     return set()
 
 
-class _Frozen(BaseModel):
-    # strict: a card's `spec:` is user input too; "64" is not 64 and "false" is not a bool. No
-    # infinities or NaN in any float; every whole number bounded (the fit search and the arithmetic
-    # stay finite).
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, defer_build=True)
+def _no_coercion(cls: Any, data: Any) -> Any:
+    """pydantic's lax mode turns "64" into 64 and "false" into False; strict mode would also refuse
+    the lists YAML gives for tuples. So: refuse strings and bools where a number goes, and anything
+    but a bool where a bool goes, before lax mode sees them."""
+    if not isinstance(data, dict):
+        return data
+    for name, field in cls.model_fields.items():
+        if name not in data or data[name] is None:
+            continue
+        value, kinds = data[name], _scalar_kinds(field.annotation)
+        if kinds == {bool} and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false, got {value!r:.40}")
+        if kinds and kinds <= {int, float} and (isinstance(value, (str, bool))):
+            raise ValueError(f"{name} must be a number, got {value!r:.40}")
+    return data
+
+
+def _bounded(self: Any) -> Any:
+    """Every whole number at most its bound (_MAX_FIELD, else MAX_WIDTH), but in counted records."""
+    if type(self).__record__._counted:
+        return self
+    for key, value in self.__dict__.items():
+        if isinstance(value, int) and not isinstance(value, bool) and value > _MAX_FIELD.get(key, MAX_WIDTH):
+            raise ValueError(f"{key} is {value:,}; at most {_MAX_FIELD.get(key, MAX_WIDTH):,} (no model has more)")
+    return self
+
+
+class _Frozen(Record):
+    """A spec: user input (a config, a card's `spec:`, a GGUF header), so every instance is validated
+    by its pydantic twin (moeplan.record), strictly: "64" is not 64 and "false" is not a bool, no
+    infinities or NaN in any float, every whole number bounded (the fit search and the arithmetic stay
+    finite). A Record, not a BaseModel, because creating the dozen pydantic classes cost ~12 ms of
+    every start-up (issue 17); specs read from the precompiled card index (moeplan.card_index) are
+    rebuilt with model_construct, so a plain `fit` never builds a twin."""
+
+    __record_validate__: ClassVar[bool] = True
+    __twin_config__: ClassVar[dict[str, Any]] = {"extra": "forbid", "allow_inf_nan": False}
     _counted: ClassVar[bool] = False
 
-    @model_validator(mode="before")
     @classmethod
-    def _no_coercion(cls, data: Any) -> Any:
-        # pydantic's lax mode turns "64" into 64 and "false" into False; strict mode would also
-        # refuse the lists YAML gives for tuples. So: refuse strings and bools where a number goes,
-        # and anything but a bool where a bool goes, before lax mode sees them.
-        if not isinstance(data, dict):
-            return data
-        for name, field in cls.model_fields.items():
-            if name not in data or data[name] is None:
-                continue
-            value, kinds = data[name], _scalar_kinds(field.annotation)
-            if kinds == {bool} and not isinstance(value, bool):
-                raise ValueError(f"{name} must be true or false, got {value!r:.40}")
-            if kinds and kinds <= {int, float} and (isinstance(value, (str, bool))):
-                raise ValueError(f"{name} must be a number, got {value!r:.40}")
-        return data
+    def __twin_validators__(cls) -> dict[str, Any]:
+        from pydantic import model_validator
 
-    @model_validator(mode="after")
-    def _bounded(self) -> _Frozen:
-        if self._counted:
-            return self
-        for key, value in self.__dict__.items():
-            if isinstance(value, int) and not isinstance(value, bool) and value > _MAX_FIELD.get(key, MAX_WIDTH):
-                raise ValueError(f"{key} is {value:,}; at most {_MAX_FIELD.get(key, MAX_WIDTH):,} (no model has more)")
-        return self
+        return {"_no_coercion": model_validator(mode="before")(classmethod(_no_coercion)),
+                "_bounded": model_validator(mode="after")(_bounded)}
 
 
 class LayerSpec(_Frozen):
@@ -192,8 +208,8 @@ class QwenVisionSpec(_Frozen):
     in_channels: PositiveInt = 3
     spatial_merge_size: PositiveInt = 2
     out_hidden_size: PositiveInt
-    num_position_embeddings: int = Field(0, ge=0)
-    deepstack_layers: int = Field(0, ge=0)
+    num_position_embeddings: NonNegativeInt = 0
+    deepstack_layers: NonNegativeInt = 0
 
 
 class Gemma4VisionSpec(_Frozen):
@@ -224,7 +240,7 @@ class SiglipVisionSpec(_Frozen):
     image_size: PositiveInt = 224
     patch_size: PositiveInt = 16
     use_head: bool = True  # the attention-pooling head; Gemma 3 sets vision_use_head false
-    projector_output_dim: int = Field(0, ge=0)  # the text width for Gemma 3's projector; 0: no projector
+    projector_output_dim: NonNegativeInt = 0  # the text width for Gemma 3's projector; 0: no projector
 
 
 AnyVision = Annotated[VisionSpec | QwenVisionSpec | Gemma4VisionSpec | SiglipVisionSpec, Field(discriminator="kind")]
@@ -280,18 +296,18 @@ class ModelSpec(_Frozen):
     norm: Literal["rms", "layernorm", "layernorm_nobias"] = "rms"
     norms_per_layer: PositiveInt = 2  # Grok-1 has four, Gemma 4 MoE seven
 
-    layers: tuple[LayerSpec, ...] = Field(min_length=1, max_length=1024)  # MAX_LAYERS
+    layers: Annotated[tuple[LayerSpec, ...], Field(min_length=1, max_length=1024)]  # MAX_LAYERS
 
     # FFN and MoE
-    dense_intermediate_size: int = Field(0, ge=0)
-    num_experts: int = Field(0, ge=0)
-    experts_per_token: int = Field(0, ge=0)
-    expert_intermediate_size: int = Field(0, ge=0)
-    num_shared_experts: int = Field(0, ge=0)
-    shared_expert_intermediate_size: int = Field(0, ge=0)  # total width of all shared experts
+    dense_intermediate_size: NonNegativeInt = 0
+    num_experts: NonNegativeInt = 0
+    experts_per_token: NonNegativeInt = 0
+    expert_intermediate_size: NonNegativeInt = 0
+    num_shared_experts: NonNegativeInt = 0
+    shared_expert_intermediate_size: NonNegativeInt = 0  # total width of all shared experts
     shared_expert_gate: bool = False  # Qwen2-MoE / Qwen3-Next: sigmoid(H -> 1) gate on the shared expert
     # Gemma 4: a dense MLP of this width runs beside the experts in every MoE layer, for every token.
-    moe_dense_intermediate_size: int = Field(0, ge=0)
+    moe_dense_intermediate_size: NonNegativeInt = 0
     router_bias: bool = False
     router_correction_bias: bool = False  # DeepSeek-V3 noaux_tc e_score_correction_bias
     router_scale: bool = False  # Gemma 4: a learned input scale (H) and a scale per expert (E)
@@ -305,10 +321,10 @@ class ModelSpec(_Frozen):
     # DeepSeek-V4 manifold-constrained hyper-connections: hc_mult residual streams (1: a plain residual).
     hc_mult: PositiveInt = 1
     # Gemma 3n/4 per-layer embeddings: a second table of layers x this width per token.
-    per_layer_input_size: int = Field(0, ge=0)
-    per_layer_input_vocab: int = Field(0, ge=0)
+    per_layer_input_size: NonNegativeInt = 0
+    per_layer_input_vocab: NonNegativeInt = 0
 
-    mtp_layers: int = Field(0, ge=0)
+    mtp_layers: NonNegativeInt = 0
     # The MTP layer's kind where it differs from a full-attention layer (DeepSeek-V4: sliding only).
     mtp_layer: LayerSpec | None = None
     mamba: MambaSpec | None = None
@@ -322,54 +338,13 @@ class ModelSpec(_Frozen):
     # What the reader could not model or chose to leave out, said once (printed by params/memory).
     notes: tuple[str, ...] = ()
 
-    @field_validator("name", "model_type", "source", "hub_id", mode="after")
     @classmethod
-    def _printable(cls, value: str | None) -> str | None:
-        """Names come from files, folders, cards and the Hub, and every output prints them (tables,
-        launch-command comments, CI annotations): control characters are kept as escapes, so a
-        newline or a terminal code in a name cannot start a line or drive the terminal."""
-        if value is None:
-            return None
-        from moeplan.escape import printable
+    def __twin_validators__(cls) -> dict[str, Any]:
+        from pydantic import field_validator, model_validator
 
-        return printable(value)
-
-    @model_validator(mode="after")
-    def _check(self) -> ModelSpec:
-        has_moe = any(layer.ffn == "moe" for layer in self.layers)
-        if has_moe:
-            if self.num_experts < 1 or self.experts_per_token < 1 or self.expert_intermediate_size < 1:
-                raise ValueError(
-                    "MoE layers need num_experts, experts_per_token and expert_intermediate_size > 0 "
-                    f"(got {self.num_experts}, {self.experts_per_token}, {self.expert_intermediate_size})"
-                )
-            if self.experts_per_token > self.num_experts:
-                raise ValueError(
-                    f"experts_per_token ({self.experts_per_token}) exceeds num_experts ({self.num_experts})"
-                )
-        if any(layer.ffn == "dense" for layer in self.layers) and self.dense_intermediate_size < 1:
-            raise ValueError("dense FFN layers need dense_intermediate_size > 0")
-        if self.attention == "mla" and self.mla is None:
-            raise ValueError("attention 'mla' needs the mla sizes")
-        if self.attention == "compressed" and self.compressed is None:
-            raise ValueError("attention 'compressed' needs the compressed sizes")
-        for layer in self.layers:
-            kv = layer.kv_heads or self.num_kv_heads
-            if self.num_attention_heads % kv:
-                raise ValueError(
-                    f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_kv_heads ({kv})"
-                )
-        kinds = {layer.mixer for layer in self.layers}
-        if "mamba" in kinds and self.mamba is None:
-            raise ValueError("mamba layers need the mamba sizes")
-        if "linear" in kinds and self.linear is None:
-            raise ValueError("linear-attention layers need the linear sizes")
-        if "compressed" in kinds and (self.compressed is None or any(
-                layer.compress_ratio is None for layer in self.layers if layer.mixer == "compressed")):
-            raise ValueError("compressed layers need the compressed sizes and a compress_ratio each")
-        if any(layer.indexer for layer in self.layers) and self.indexer is None:
-            raise ValueError("indexer layers need the indexer sizes")
-        return self
+        return {"_printable": field_validator("name", "model_type", "source", "hub_id", mode="after")(
+                    classmethod(_printable)),
+                "_check": model_validator(mode="after")(_check_spec)}
 
     # Derived views, so no caller re-derives them.
     @property
@@ -387,8 +362,8 @@ class ModelSpec(_Frozen):
     @property
     def mtp_layer_spec(self) -> LayerSpec:
         """What one MTP layer is: a full-attention decoder layer unless the reader said otherwise."""
-        # model_construct: two literal, valid values; validating them would build LayerSpec's validator in
-        # every `fit` of a card read from the precompiled index (issue 17's start-up bound).
+        # model_construct: two literal, valid values; validating them would build LayerSpec's pydantic
+        # twin in every `fit` of a card read from the precompiled index (issue 17's start-up bound).
         return self.mtp_layer or LayerSpec.model_construct(mixer="full", ffn="moe" if self.is_moe else "dense")
 
     @property
@@ -398,6 +373,55 @@ class ModelSpec(_Frozen):
             return None
         method = self.quantization_config.get("quant_method")
         return str(method).lower() if method else None
+
+
+def _printable(cls: Any, value: str | None) -> str | None:
+    """Names come from files, folders, cards and the Hub, and every output prints them (tables,
+    launch-command comments, CI annotations): control characters are kept as escapes, so a
+    newline or a terminal code in a name cannot start a line or drive the terminal."""
+    if value is None:
+        return None
+    from moeplan.escape import printable
+
+    return printable(value)
+
+
+def _check_spec(self: Any) -> Any:
+    """A spec's fields agree with each other (run on ModelSpec's twin after its fields are valid)."""
+    has_moe = any(layer.ffn == "moe" for layer in self.layers)
+    if has_moe:
+        if self.num_experts < 1 or self.experts_per_token < 1 or self.expert_intermediate_size < 1:
+            raise ValueError(
+                "MoE layers need num_experts, experts_per_token and expert_intermediate_size > 0 "
+                f"(got {self.num_experts}, {self.experts_per_token}, {self.expert_intermediate_size})"
+            )
+        if self.experts_per_token > self.num_experts:
+            raise ValueError(
+                f"experts_per_token ({self.experts_per_token}) exceeds num_experts ({self.num_experts})"
+            )
+    if any(layer.ffn == "dense" for layer in self.layers) and self.dense_intermediate_size < 1:
+        raise ValueError("dense FFN layers need dense_intermediate_size > 0")
+    if self.attention == "mla" and self.mla is None:
+        raise ValueError("attention 'mla' needs the mla sizes")
+    if self.attention == "compressed" and self.compressed is None:
+        raise ValueError("attention 'compressed' needs the compressed sizes")
+    for layer in self.layers:
+        kv = layer.kv_heads or self.num_kv_heads
+        if self.num_attention_heads % kv:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_kv_heads ({kv})"
+            )
+    kinds = {layer.mixer for layer in self.layers}
+    if "mamba" in kinds and self.mamba is None:
+        raise ValueError("mamba layers need the mamba sizes")
+    if "linear" in kinds and self.linear is None:
+        raise ValueError("linear-attention layers need the linear sizes")
+    if "compressed" in kinds and (self.compressed is None or any(
+            layer.compress_ratio is None for layer in self.layers if layer.mixer == "compressed")):
+        raise ValueError("compressed layers need the compressed sizes and a compress_ratio each")
+    if any(layer.indexer for layer in self.layers) and self.indexer is None:
+        raise ValueError("indexer layers need the indexer sizes")
+    return self
 
 
 # ----------------------------------------------------------------------------------------------
