@@ -33,7 +33,7 @@ except ImportError:  # pragma: no cover - other Pythons
         from hashlib import sha256  # type: ignore[no-redef]
 
 INDEX_FILE = "index.json"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 # The modules whose code decides what a card's spec is: spec_from_config (spec.py), the card reader
 # (sources.py), the YAML reader (safeio.py), the escaping of names (escape.py), and this file's dump format.
 CODE_FILES = ("spec.py", "sources.py", "safeio.py", "escape.py", "card_index.py")
@@ -67,8 +67,11 @@ def build_index(directory: Path) -> dict[str, Any]:
         # different (a YAML date, an integer key) is read from its YAML every time instead.
         if json.loads(json.dumps(card.data)) != card.data or spec_from_dump(dump) != spec:
             continue
+        # The card's data and spec as one JSON string: loading the index then scans 34 strings instead
+        # of building every card's dicts (~2 ms of a start-up), and only the card asked for is decoded.
         entries[path.name] = {"sha256": _sha256(path.read_bytes()), "name": card.name, "hub_id": card.hub_id,
-                              "aliases": list(card.aliases), "data": card.data, "spec": dump}
+                              "aliases": list(card.aliases),
+                              "payload": json.dumps({"data": card.data, "spec": dump}, separators=(",", ":"))}
     return {"version": INDEX_VERSION, "code_sha256": code_key(), "cards": entries}
 
 
@@ -92,7 +95,11 @@ def fresh_entry(directory: Path, path: Path, raw: bytes) -> dict[str, Any] | Non
     entry = index["cards"].get(path.name)
     if not isinstance(entry, dict) or entry.get("sha256") != _sha256(raw):
         return None
-    return entry
+    try:
+        payload = json.loads(entry["payload"])
+        return {**entry, "data": payload["data"], "spec": payload["spec"]}
+    except (KeyError, TypeError, ValueError):  # not ours: the slow path is correct
+        return None
 
 
 def spec_from_dump(dump: dict[str, Any]) -> Any:
