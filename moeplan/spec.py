@@ -10,9 +10,9 @@ import math
 from typing import Annotated, Any, ClassVar, Literal
 
 # Field, NonNegativeInt and PositiveInt appear only in annotations, read when a class's pydantic twin is
-# built (moeplan.record); pydantic is imported already by then (typer imports it to parse options).
+# built (moeplan.record). Importing them is cheap (typer imports pydantic anyway); creating pydantic
+# classes is what the twins put off.
 from pydantic import Field, NonNegativeInt, PositiveInt
-
 
 from moeplan.errors import ConfigError
 from moeplan.record import Record
