@@ -13,8 +13,9 @@ import copy
 from collections.abc import Iterable, Sequence
 
 from rich.console import Console, ConsoleOptions, RenderResult
+from rich.cells import cell_len
 from rich.segment import Segment
-from rich.table import Column, Table
+from rich.table import Column, Row, Table
 from rich.text import Text
 
 
@@ -66,10 +67,75 @@ def _render_whole(console: Console, options: ConsoleOptions, table: Table,
     least = (1 if table.show_edge else 0) + sum(need[id(c)] for c in table.columns)
     if least > options.max_width:
         return None
-    lines = console.render_lines(table, options, pad=False, new_lines=False)
+    lines = console.render_lines((ONE_ROW and _one_row(console, options, table)) or table, options, pad=False,
+                                 new_lines=False)
     if any("…" in segment.text for line in lines for segment in line):
         return None
     return lines
+
+
+# Render plain tables through _one_row (tests/test_tables.py renders every table both ways and compares).
+ONE_ROW = True
+
+
+def _one_row(console: Console, options: ConsoleOptions, table: Table) -> Table | None:
+    """`table` as one body row of multi-line cells, each column fixed at the width rich gives it in
+    `table`: the same lines, segment styles and borders at a fraction of the cost. rich lays out every
+    cell on its own (a Padding, a measure, a wrap, ~70 us a cell: most of `fit`'s printing, which issue
+    17's start-up bound counts); here each column is one Text, its rows joined by newlines, a row that
+    another cell wraps onto more lines padded with blank lines as rich pads it (cells align at the top).
+
+    Only for the plain tables moeplan draws; None (render `table` itself) for anything with a
+    feature this does not reproduce: row styles or separators, footers, vertical padding, fixed or
+    ratio widths, column styles, cells that are not plain strings or unstyled Texts, a newline in a cell."""
+    columns = table.columns
+    if (len(table.rows) < 2 or table.show_lines or table.leading or table.show_footer or table.row_styles
+            or table.expand or table.width is not None or table.min_width is not None or not table.box
+            or table.collapse_padding or table.padding[0] or table.padding[2] or table.style not in (None, "", "none")
+            or any(row.style or row.end_section for row in table.rows)
+            or any(col.width is not None or col.min_width is not None or col.max_width is not None or col.ratio
+                   or col.vertical != "top" or col.style or col.highlight for col in columns)):
+        return None
+    cells: list[list[Text]] = []
+    for col in columns:
+        texts = []
+        for cell in [col.header, *col._cells]:
+            if isinstance(cell, str):  # what Console.render makes of a string cell
+                cell = console.render_str(cell, highlight=False, markup=options.markup)
+            if (not isinstance(cell, Text) or cell.style or cell.justify or cell.overflow or cell.no_wrap is not None
+                    or "\n" in cell.plain):
+                return None
+            texts.append(cell)
+        cells.append(texts)
+    pads = [table._get_padding_width(i) for i in range(len(columns))]
+    room = options.max_width - table._extra_width
+    natural = [max(cell_len(t.plain) for t in texts) + pad for texts, pad in zip(cells, pads)]
+    # rich's widths: each column's widest cell when they fit side by side, else its own shrinking
+    widths = natural if sum(natural) <= room else table._calculate_column_widths(console, options.update_width(room))
+    rows = len(table.rows)
+    heights = [1] * rows
+    lines = [[1] * rows for _ in columns]
+    for j, (col, texts) in enumerate(zip(columns, cells)):
+        inner = widths[j] - pads[j]
+        if col.no_wrap or natural[j] - pads[j] <= inner:
+            continue
+        for i, text in enumerate(texts[1:]):
+            if cell_len(text.plain) > inner:
+                lines[j][i] = len(text.wrap(console, inner, justify=col.justify, overflow=col.overflow))
+                heights[i] = max(heights[i], lines[j][i])
+    one = copy.copy(table)
+    one.rows = [Row()]
+    one.columns = []
+    for j, (col, texts) in enumerate(zip(columns, cells)):
+        parts: list[Text] = []
+        for i, text in enumerate(texts[1:]):
+            parts.append(text)
+            parts.extend(Text() for _ in range(heights[i] - lines[j][i]))
+        merged = copy.copy(col)
+        merged.width = widths[j] - pads[j]
+        merged._cells = [Text("\n").join(parts)]
+        one.columns.append(merged)
+    return one
 
 
 def _plain(cell: object) -> str:

@@ -1,0 +1,112 @@
+"""moeplan.tables' one-row rendering (issue 17's start-up) draws exactly what rich draws.
+
+Every table the commands below print is captured and rendered both ways (tables.ONE_ROW on and off)
+at narrow to wide widths, as plain text and as 24-bit ANSI (so segment styles count too); the bytes
+must be equal. Both are then checked to have taken the path meant: the one-row path for most tables."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+from typer.testing import CliRunner
+
+from moeplan import tables
+from moeplan.cli import app
+
+COMMANDS = (
+    ["fit", "mixtral-8x7b", "--gpus", "2x24GB"],
+    ["fit", "deepseek-v3", "--gpus", "8xH200", "--price", "3.5"],
+    ["fit", "qwen3-30b-a3b", "--gpus", "1xRTX4090", "--cpu-mem", "64GB"],
+    ["perf", "qwen3-30b-a3b", "--gpus", "1xH100", "--sweep"],
+    ["memory", "gpt-oss-120b", "--quant", "mxfp4"],
+    ["params", "deepseek-v3"],
+    ["compare", "mixtral-8x7b", "qwen3-30b-a3b", "--gpus", "8xH100"],
+    ["models"],
+    ["gpus"],
+)
+WIDTHS = (40, 60, 80, 100, 120, 160, 220)
+
+
+@pytest.fixture(scope="module")
+def captured() -> list[tables.Responsive]:
+    found: list[tables.Responsive] = []
+    real = tables.responsive
+
+    def keep(table, drop=()):  # type: ignore[no-untyped-def]
+        out = real(table, drop)
+        found.append(out)
+        return out
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(tables, "responsive", keep)
+    import moeplan.cli as cli
+
+    mp.setattr(cli, "responsive", keep, raising=False)
+    try:
+        for args in COMMANDS:
+            result = CliRunner().invoke(app, args)
+            assert result.exit_code in (0, 1), (args, result.output)
+    finally:
+        mp.undo()
+    assert len(found) >= 10
+    return found
+
+
+def _render(table: tables.Responsive, width: int, color: bool, one_row: bool) -> str:
+    tables.ONE_ROW = one_row
+    try:
+        buf = io.StringIO()
+        console = Console(file=buf, width=width, highlight=False, soft_wrap=False, force_terminal=color,
+                          color_system="truecolor" if color else None)
+        console.print(table)
+        return buf.getvalue()
+    finally:
+        tables.ONE_ROW = True
+
+
+@pytest.mark.parametrize("color", [False, True], ids=["plain", "ansi"])
+def test_one_row_tables_are_rich_tables_byte_for_byte(captured, color):
+    for table in captured:
+        for width in WIDTHS:
+            fast, slow = _render(table, width, color, True), _render(table, width, color, False)
+            assert fast == slow, (str(table.table.title), width)
+
+
+def test_most_tables_take_the_one_row_path(captured, monkeypatch):
+    used = []
+    real = tables._one_row
+
+    def spy(console, options, table):  # type: ignore[no-untyped-def]
+        out = real(console, options, table)
+        used.append(out is not None)
+        return out
+
+    monkeypatch.setattr(tables, "_one_row", spy)
+    for table in captured:
+        _render(table, 120, False, True)
+    assert sum(used) >= len(used) // 2, used
+
+
+def test_cells_the_one_row_path_does_not_reproduce_fall_back_to_rich():
+    from rich.table import Table
+    from rich.text import Text
+
+    console = Console(file=io.StringIO(), width=80)
+    plain = Table()
+    plain.add_column("a")
+    plain.add_row("x")
+    plain.add_row("y")
+    assert tables._one_row(console, console.options, plain) is not None
+    for cell in (Text("styled", style="bold"), "two\nlines", Text("right", justify="right")):
+        table = Table()
+        table.add_column("a")
+        table.add_row("x")
+        table.add_row(cell)
+        assert tables._one_row(console, console.options, table) is None, cell
+    separated = Table(show_lines=True)
+    separated.add_column("a")
+    separated.add_row("x")
+    separated.add_row("y")
+    assert tables._one_row(console, console.options, separated) is None
