@@ -101,9 +101,10 @@ DS6_DECODE_BATCH = round(18 * 14800 / 21)  # 18 nodes x 14.8k tok/s per node / 2
 # table repeats and assumed for the 1K and 2K runs.
 LMSYS_DECODE_BATCH = 9 * 8 * 256
 LMSYS_PREFILL_TOKENS_PER_GPU = 16384
-# The llama.cpp engine classes whose per-layer cost is fitted with their efficiency, and the backend
-# key of moeplan.engines.LLAMACPP_LAYER_S each one sets.
-LLAMACPP_BACKENDS = {"llama.cpp": "nvidia", "llama.cpp (Apple)": "apple"}
+# The engine classes whose per-layer cost is fitted with their efficiency, and the table of
+# moeplan.engines and the key in it each one sets.
+LAYER_FITS = {"llama.cpp": ("LLAMACPP_LAYER_S", "nvidia"), "llama.cpp (Apple)": ("LLAMACPP_LAYER_S", "apple"),
+              "gpu serving": ("SERVING_LAYER_S", "nvidia")}
 M2MAX_QUANTS = ("q2_k", "q3_k_m", "q4_k_m", "q4_0", "q5_k_m", "q6_k", "q8_0")  # the source's rows moeplan has
 
 FIT_CASES: tuple[Case, ...] = (
@@ -169,6 +170,14 @@ FIT_CASES: tuple[Case, ...] = (
            output=o, layout=(8, 1, False))
       for m, c, b, i, o in (("maverick", 1, 1, 610, 422), ("maverick", 16, 14, 496, 510), ("scout", 1, 1, 610, 422),
                             ("scout", 16, 15, 621, 510))),
+    # NVIDIA B200, TP8 as launched, costed as the MI300X rows above (sgl-cookbook-b200).
+    *(Case(f"b200-{name}-c{c}", model, "8xB200", quant, "tpot_ms", batch=b, context=i + o // 2, prompt=i, output=o,
+           layout=(8, 1, False))
+      for name, model, quant, c, b, i, o in (
+          ("qwen3-235b", "qwen3-235b-a22b", "bf16", 1, 1, 610, 421), ("qwen3-235b", "qwen3-235b-a22b", "bf16", 16, 14, 496, 509),
+          ("dsr1", "deepseek-v3", "fp8", 1, 1, 610, 421), ("dsr1", "deepseek-v3", "fp8", 16, 14, 496, 509),
+          ("glm46", "glm-4.5", "bf16", 1, 1, 610, 421), ("glm46", "glm-4.5", "bf16", 16, 14, 496, 509),
+          ("gptoss120b", "gpt-oss-120b", "mxfp4", 1, 1, 332, 213), ("qwen3next", "qwen3-next-80b-a3b", "bf16", 1, 1, 338, 216))),
     *(Case(f"mi300x-dsr1-{e}-c{c}", "deepseek-v3", "8xMI300X", "fp8", "tpot_ms", batch=c, context=3600, prompt=3200,
            output=800, layout=(8, 1, False), engine=e, outlier="O3")
       for e, c in (("sglang", 4), ("sglang", 16), ("vllm", 4), ("vllm", 32))),
@@ -534,32 +543,35 @@ def _clear() -> None:
     _fit_cli.cache_clear()
 
 
-def _seconds_per_token(case: Case) -> float:
-    return 1 / predict(case).value  # decode_tok_s rows: one sequence
+def _seconds_per_token(case: Case, value: float) -> float:
+    """A decode row's figure as seconds per generated token of one sequence (TPOT or tok/s)."""
+    return value / 1e3 if case.metric == "tpot_ms" else 1 / value
 
 
-def fit_llamacpp(cls: str, backend: str, ids: tuple[str, ...]) -> tuple[float, float]:
-    """llama.cpp's memory efficiency E and per-layer cost L for one engine class, fitted together on
-    its EFFICIENCY_FIT_ROWS: a batch-1 token costs M / E + n L + c (M: its weight and cache reads at
-    full bandwidth, n: its layers, c: the rest), so each row's M, n and c come from three predictions,
-    and (1/E, L) is the least-squares fit of the relative errors, a 2 x 2 linear solve. Rounded to
-    0.001 and 1 us."""
+def fit_with_layer_cost(cls: str, ids: tuple[str, ...]) -> tuple[float, float]:
+    """The memory efficiency E and per-layer cost L of one engine class, fitted together on its
+    EFFICIENCY_FIT_ROWS: a decode step costs M / E + n L + c (M: its weight and cache reads at full
+    bandwidth, n: its layers, c: the rest), so each row's M, n and c come from three predictions, and
+    (1/E, L) is the least-squares fit of the relative errors, a 2 x 2 linear solve. L is set in the
+    moeplan.engines table LAYER_FITS names. Rounded to 0.001 and 1 us."""
     from moeplan import engines, perf
 
     by_id = {c.id: c for c in FIT_CASES}
-    saved_e, saved_l = perf.ENGINE_MEMORY_EFFICIENCY[cls], engines.LLAMACPP_LAYER_S[backend]
+    layer_table = getattr(engines, LAYER_FITS[cls][0])
+    key = LAYER_FITS[cls][1]
+    saved_e, saved_l = perf.ENGINE_MEMORY_EFFICIENCY[cls], layer_table[key]
     terms = []
     try:
         for i in ids:
             t = []
             for e, layer in ((1.0, 0.0), (0.5, 0.0), (1.0, 1e-3)):
-                perf.ENGINE_MEMORY_EFFICIENCY[cls], engines.LLAMACPP_LAYER_S[backend] = e, layer
+                perf.ENGINE_MEMORY_EFFICIENCY[cls], layer_table[key] = e, layer
                 _clear()
-                t.append(_seconds_per_token(by_id[i]))
+                t.append(_seconds_per_token(by_id[i], predict(by_id[i]).value))
             m, n = t[1] - t[0], (t[2] - t[0]) / 1e-3
-            terms.append((m, n, t[0] - m, 1 / published()["cases"][i]["value"]))
+            terms.append((m, n, t[0] - m, _seconds_per_token(by_id[i], published()["cases"][i]["value"])))
     finally:
-        perf.ENGINE_MEMORY_EFFICIENCY[cls], engines.LLAMACPP_LAYER_S[backend] = saved_e, saved_l
+        perf.ENGINE_MEMORY_EFFICIENCY[cls], layer_table[key] = saved_e, saved_l
         _clear()
     # minimize sum(((a m + L n + c) - t) / t)^2 over a = 1/E and L
     saa = sum((m / t) ** 2 for m, _, _, t in terms)
@@ -575,8 +587,8 @@ def fit_llamacpp(cls: str, backend: str, ids: tuple[str, ...]) -> tuple[float, f
 def fit_efficiency() -> dict[str, float]:
     """The memory efficiency per engine class that brings the geometric mean speed ratio of its
     EFFICIENCY_FIT_ROWS (fitting set only) to 1, by bisection on moeplan.perf.ENGINE_MEMORY_EFFICIENCY;
-    for the llama.cpp classes of LLAMACPP_BACKENDS, efficiency and per-layer cost together
-    (fit_llamacpp; the per-layer cost under "<class> layer_s")."""
+    for the classes of LAYER_FITS, efficiency and per-layer cost together (fit_with_layer_cost; the
+    per-layer cost under "<class> layer_s")."""
     import math
 
     from moeplan import perf
@@ -586,8 +598,8 @@ def fit_efficiency() -> dict[str, float]:
     out: dict[str, float] = {}
     try:
         for cls, ids in perf.EFFICIENCY_FIT_ROWS.items():
-            if cls in LLAMACPP_BACKENDS:
-                out[cls], out[f"{cls} layer_s"] = fit_llamacpp(cls, LLAMACPP_BACKENDS[cls], ids)
+            if cls in LAYER_FITS:
+                out[cls], out[f"{cls} layer_s"] = fit_with_layer_cost(cls, ids)
                 continue
             lo, hi = 0.2, 1.0
             for _ in range(30):

@@ -4,9 +4,12 @@ overhead(step) = fixed per step (scheduling, sampling, output processing) + a fl
 layer (the layer's 10-30 kernels each take a few microseconds even when their data is tiny) + a
 launch cost per collective when the engine runs without CUDA graphs. Figures and their sources:
 - vLLM V1 and SGLang with CUDA graphs: ~0.3 ms per step fixed (assumed: no published figure isolates
-  it; these bound it). vLLM's full CUDA graphs took 0.5 ms off piecewise ones at Llama-8B's 7.6 ms TPOT (vllm-project/vllm#16072); SGLang's overlap scheduler
-  hides its CPU work ("no single idle time on the GPU", SGLang v0.4 blog). 30 us per layer, the
-  floor moeplan has charged since issue 5 (an estimate: 10-20 kernels of 1.5-3 us each under graphs).
+  it; these bound it). vLLM's full CUDA graphs took 0.5 ms off piecewise ones at Llama-8B's 7.6 ms
+  TPOT (vllm-project/vllm#16072); SGLang's overlap scheduler hides its CPU work ("no single idle
+  time on the GPU", SGLang v0.4 blog). Per layer on NVIDIA GPUs SERVING_LAYER_S["nvidia"], FITTED with
+  the serving engines' memory efficiency on the fitting set's InferenceX H200 and sgl-cookbook B200
+  rows (36-94 layers, concurrency 1-64; docs/validation.md step 6). On other vendors (ROCm) 30 us,
+  the floor moeplan charged since issue 5 (an estimate: 10-20 kernels of 1.5-3 us each under graphs).
 - Without CUDA graphs (vLLM --enforce-eager, SGLang --disable-cuda-graph): +69 us per layer
   (SGLang#1401: Llama-3-8B bs1 7.06 ms with graphs, 9.28 ms without, over 32 layers) and +16 us per
   collective on Hopper, +39 us on A100 (aiconfigurator: vLLM eager vs graph all-reduce floors,
@@ -47,15 +50,18 @@ _STEP_S = 0.3e-3  # assumed, see the docstring
 # FITTED (docs/validation.md, `python benchmarks/validate.py --fit-efficiency`; tests/test_validation.py
 # checks these equal its output): llama.cpp's per-layer cost per token, by GPU vendor.
 LLAMACPP_LAYER_S: dict[str, float] = {"nvidia": 74e-6, "apple": 208e-6}
+# FITTED the same way: vLLM's and SGLang's per-layer cost under CUDA graphs on NVIDIA GPUs. Other vendors
+# (ROCm) keep the 30 us floor their efficiency was fitted with.
+SERVING_LAYER_S: dict[str, float] = {"nvidia": 67e-6}
 
 ENGINES: dict[tuple[str, bool], EngineOverhead] = {
     ("vllm", True): EngineOverhead(name="vllm", cuda_graphs=True, step_s=_STEP_S, layer_s=_GRAPH_LAYER_S,
-                                   source="vllm#16072; moeplan's 30 us layer floor"),
+                                   source="vllm#16072; moeplan's 30 us layer floor (ROCm)"),
     ("vllm", False): EngineOverhead(name="vllm", cuda_graphs=False, step_s=_STEP_S,
                                     layer_s=_GRAPH_LAYER_S + _EAGER_LAYER_S, collective_s=16e-6,
                                     source="SGLang#1401 per-layer eager cost; [aic] eager all-reduce floors"),
     ("sglang", True): EngineOverhead(name="sglang", cuda_graphs=True, step_s=_STEP_S, layer_s=_GRAPH_LAYER_S,
-                                     source="SGLang v0.4 overlap scheduler; moeplan's 30 us layer floor"),
+                                     source="SGLang v0.4 overlap scheduler; moeplan's 30 us layer floor (ROCm)"),
     ("sglang", False): EngineOverhead(name="sglang", cuda_graphs=False, step_s=_STEP_S,
                                       layer_s=_GRAPH_LAYER_S + _EAGER_LAYER_S, collective_s=16e-6,
                                       source="SGLang#1401: 7.06 vs 9.28 ms per step for 32 layers"),
@@ -82,6 +88,10 @@ def overhead(engine: str, cuda_graphs: bool = True, *, a100: bool = False, vendo
         fitted = LLAMACPP_LAYER_S[backend] + (0.0 if cuda_graphs or backend == "apple" else _LLAMACPP_EAGER_LAYER_S)
         return found.model_copy(update={"layer_s": fitted, "source": f"{found.source}; per-layer cost fitted for "
                                         f"{backend} GPUs (docs/validation.md)"})
+    if key in ("vllm", "sglang") and vendor in (None, "nvidia"):
+        layer = SERVING_LAYER_S["nvidia"] + (0.0 if cuda_graphs else _EAGER_LAYER_S)
+        found = found.model_copy(update={"layer_s": layer, "source": f"{found.source}; per-layer cost fitted for "
+                                         "NVIDIA GPUs (docs/validation.md)"})
     if a100 and found.collective_s:
         # [aic] vLLM eager all-reduce on A100: ~44 us against 4.9-5.7 us under graphs.
         return found.model_copy(update={"collective_s": 39e-6})

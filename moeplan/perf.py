@@ -77,10 +77,13 @@ def distinct_experts_per_rank(num_experts: int, top_k: int, tokens: float, ep: i
 
 
 # Memory efficiency per engine class, FITTED on the fitting set (docs/validation.md): the value that
-# brings the geometric mean of the speed ratios of these rows to 1, found by `python
-# benchmarks/validate.py --fit-efficiency` (tests/test_validation.py checks these equal its output):
-# - gpu serving (vLLM, SGLang): InferenceX #870, SGLang 0.5.7, DeepSeek-R1 TP8 on 8 x H200 at
-#   concurrency 8-64 (the fitting set's current single-node rows);
+# brings the geometric mean of the speed ratios of these rows to 1, or, for the classes that fit a
+# per-layer cost with it (NVIDIA serving, llama.cpp; moeplan.engines), the least-squares pair, found
+# by `python benchmarks/validate.py --fit-efficiency` (tests/test_validation.py checks these equal
+# its output):
+# - gpu serving (vLLM, SGLang on NVIDIA): InferenceX #870, SGLang 0.5.7, DeepSeek-R1 TP8 on 8 x H200 at
+#   concurrency 8-64, and the sgl-cookbook's B200 rows (SGLang 0.5.6, TP8, five models of 36-94
+#   layers, concurrency 1 and 16);
 # - gpu serving (AMD): vLLM and SGLang on AMD GPUs, the sgl-cookbook Llama 4 rows (SGLang 0.5.7, TP8 on
 #   8 x MI300X, concurrency 1 and 16);
 # - llama.cpp (NVIDIA GPUs, CUDA kernels): XiongjieDai's GPU-Benchmarks-on-LLM-Inference tables
@@ -90,10 +93,12 @@ def distinct_experts_per_rank(num_experts: int, top_k: int, tokens: float, ep: i
 # - llama.cpp cpu experts: the share of the host RAM bandwidth (--cpu-bw) llama.cpp's CPU kernels reach
 #   on experts kept in RAM (--n-cpu-moe), on the two offload rows (ollama#1556; llmfit PR#755).
 # aiconfigurator's 0.80 bandwidth derate ([aic] systems/*.yaml) stays the figure for anything else.
-ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.523, "gpu serving (AMD)": 0.26, "llama.cpp": 0.884,
+ENGINE_MEMORY_EFFICIENCY: dict[str, float] = {"gpu serving": 0.548, "gpu serving (AMD)": 0.26, "llama.cpp": 0.884,
                                               "llama.cpp (Apple)": 0.837, "llama.cpp cpu experts": 0.45}
 EFFICIENCY_FIT_ROWS = {
-    "gpu serving": ("inferencex-c8-tpot", "inferencex-c16-tpot", "inferencex-c32-tpot", "inferencex-c64-tpot"),
+    "gpu serving": ("inferencex-c8-tpot", "inferencex-c16-tpot", "inferencex-c32-tpot", "inferencex-c64-tpot",
+                    "b200-qwen3-235b-c1", "b200-qwen3-235b-c16", "b200-dsr1-c1", "b200-dsr1-c16", "b200-glm46-c1",
+                    "b200-glm46-c16", "b200-gptoss120b-c1", "b200-qwen3next-c1"),
     "llama.cpp": ("xd-rtx4090-8b", "xd-rtx3090-8b", "xd-a6000-8b", "xd-a6000-70b"),
     "llama.cpp (Apple)": ("m2max-q2_k", "m2max-q3_k_m", "m2max-q4_k_m", "m2max-q4_0", "m2max-q5_k_m", "m2max-q6_k",
                           "m2max-q8_0", "xd-m2ultra-8b", "xd-m2ultra-70b", "xd-m3max-8b", "xd-m3max-70b"),
@@ -367,14 +372,14 @@ OP_OFFLOAD_MIN_TOKENS = 32
 # three fitting rows use "any", the whole fitting set's range.
 ERROR_BANDS: dict[str, tuple[float, float]] = {
     "gpu serving (AMD), batch 1-4": (1.12, 1.41), "gpu serving (AMD), batch > 4": (0.76, 0.84),
-    "gpu serving, batch 1-4": (0.81, 1.79), "gpu serving, batch > 4": (0.62, 1.15),
+    "gpu serving, batch 1-4": (0.68, 1.76), "gpu serving, batch > 4": (0.61, 1.32),
     "llama.cpp (Apple), batch 1-4": (0.91, 1.35), "llama.cpp, batch 1-4": (0.97, 1.05),
-    "llama.cpp, offload": (0.94, 1.07), "any": (0.62, 1.79),
+    "llama.cpp, offload": (0.94, 1.07), "any": (0.61, 1.76),
 }
 BAND_ROWS: dict[str, int] = {"gpu serving (AMD), batch 1-4": 2, "gpu serving (AMD), batch > 4": 2,
-                             "gpu serving, batch 1-4": 2, "gpu serving, batch > 4": 16,
+                             "gpu serving, batch 1-4": 7, "gpu serving, batch > 4": 19,
                              "llama.cpp (Apple), batch 1-4": 11, "llama.cpp, batch 1-4": 4, "llama.cpp, offload": 2,
-                             "any": 39}
+                             "any": 47}
 _MIN_BAND_ROWS = 3
 
 

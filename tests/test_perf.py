@@ -276,3 +276,17 @@ def test_llamacpp_fit_reproduces_the_two_model_sizes():
         assert out.exit_code == 0, out.output
         rate = json.loads(out.output)["decode_tok_per_s"]
         assert 0.85 < rate / published < 1.15, (model, rate)
+
+
+def test_serving_per_layer_cost_is_fitted_for_nvidia_only():
+    # moeplan.engines.SERVING_LAYER_S: vLLM's and SGLang's per-layer cost under CUDA graphs, fitted with
+    # their efficiency on the InferenceX H200 and sgl-cookbook B200 rows (docs/validation.md step 6);
+    # ROCm engines keep the 30 us floor their own efficiency (0.26) was fitted with.
+    from moeplan.engines import SERVING_LAYER_S, overhead
+
+    for engine in ("vllm", "sglang"):
+        nvidia = overhead(engine, True, vendor="nvidia")
+        assert nvidia.layer_s == SERVING_LAYER_S["nvidia"] > 30e-6
+        assert overhead(engine, True, vendor="amd").layer_s == pytest.approx(30e-6)
+        assert overhead(engine, False, vendor="nvidia").layer_s - nvidia.layer_s == pytest.approx(69e-6)  # SGLang#1401
+    assert overhead("llama.cpp", True, vendor="nvidia").layer_s != SERVING_LAYER_S["nvidia"]  # its own fit
