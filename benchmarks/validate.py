@@ -1,9 +1,10 @@
 """moeplan's speed predictions against published measurements, on a fitting set and a test set
 (docs/validation.md).
 
-- The FITTING SET (tests/fixtures/published_throughput.yaml, 31 rows) is what shaped moeplan's speed
-  constants since issue 5: the default efficiencies were checked on it, the 30 us layer floor and the
-  two communication changes of 0df33c3 were judged by it. Its rows are predicted through the API
+- The FITTING SET (tests/fixtures/published_throughput.yaml, 56 rows) is what shaped moeplan's speed
+  constants since issue 5: the default efficiencies and the fitted per-layer costs (vLLM/SGLang on
+  NVIDIA, llama.cpp per backend) are fitted on it (--fit-efficiency), the two communication changes
+  of 0df33c3 were judged by it. Its rows are predicted through the API
   with the layout the source states (multi-node DP+EP loads the CLI's --batch limit cannot hold).
 - The TEST SET (tests/fixtures/published_throughput_test.yaml, 20 rows) was gathered on 2026-12-03,
   after the model changes of issue 13 were written and before any of its rows was predicted; no
@@ -621,7 +622,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--case", help="explain one case by id")
     parser.add_argument("--bands", action="store_true", help="print the error bands the fitting set gives")
     parser.add_argument("--fit-efficiency", action="store_true",
-                        help="print the memory efficiencies the fitting set gives (moeplan.perf.ENGINE_MEMORY_EFFICIENCY)")
+                        help="print the memory efficiencies (moeplan.perf.ENGINE_MEMORY_EFFICIENCY) and per-layer "
+                             "costs (moeplan.engines) the fitting set gives")
     args = parser.parse_args(argv)
     by_id = {c.id: c for c in CASES}
     if args.case:
