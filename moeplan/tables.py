@@ -101,7 +101,9 @@ def _one_row(console: Console, options: ConsoleOptions, table: Table) -> Table |
         texts = []
         for cell in [col.header, *col._cells]:
             if isinstance(cell, str):  # what Console.render makes of a string cell
-                cell = console.render_str(cell, highlight=False, markup=options.markup)
+                # with no "[" (markup) and no ":" (:emoji: codes) rich's parsers return it as it is
+                cell = (Text(cell) if "[" not in cell and ":" not in cell
+                        else console.render_str(cell, highlight=False, markup=options.markup))
             if (not isinstance(cell, Text) or cell.style or cell.justify or cell.overflow or cell.no_wrap is not None
                     or "\n" in cell.plain):
                 return None
