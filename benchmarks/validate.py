@@ -175,10 +175,12 @@ FIT_CASES: tuple[Case, ...] = (
     *(Case(f"b200-{name}-c{c}", model, "8xB200", quant, "tpot_ms", batch=b, context=i + o // 2, prompt=i, output=o,
            layout=(8, 1, False))
       for name, model, quant, c, b, i, o in (
-          ("qwen3-235b", "qwen3-235b-a22b", "bf16", 1, 1, 610, 421), ("qwen3-235b", "qwen3-235b-a22b", "bf16", 16, 14, 496, 509),
+          ("qwen3-235b", "qwen3-235b-a22b", "bf16", 1, 1, 610, 421),
+          ("qwen3-235b", "qwen3-235b-a22b", "bf16", 16, 14, 496, 509),
           ("dsr1", "deepseek-v3", "fp8", 1, 1, 610, 421), ("dsr1", "deepseek-v3", "fp8", 16, 14, 496, 509),
           ("glm46", "glm-4.5", "bf16", 1, 1, 610, 421), ("glm46", "glm-4.5", "bf16", 16, 14, 496, 509),
-          ("gptoss120b", "gpt-oss-120b", "mxfp4", 1, 1, 332, 213), ("qwen3next", "qwen3-next-80b-a3b", "bf16", 1, 1, 338, 216))),
+          ("gptoss120b", "gpt-oss-120b", "mxfp4", 1, 1, 332, 213),
+          ("qwen3next", "qwen3-next-80b-a3b", "bf16", 1, 1, 338, 216))),
     *(Case(f"mi300x-dsr1-{e}-c{c}", "deepseek-v3", "8xMI300X", "fp8", "tpot_ms", batch=c, context=3600, prompt=3200,
            output=800, layout=(8, 1, False), engine=e, outlier="O3")
       for e, c in (("sglang", 4), ("sglang", 16), ("vllm", 4), ("vllm", 32))),

@@ -91,7 +91,8 @@ def _one_row(console: Console, options: ConsoleOptions, table: Table) -> Table |
     columns = table.columns
     if (len(table.rows) < 2 or table.show_lines or table.leading or table.show_footer or table.row_styles
             or table.expand or table.width is not None or table.min_width is not None or not table.box
-            or table.collapse_padding or table.padding[0] or table.padding[2] or table.style not in (None, "", "none")
+            or table.collapse_padding or table.padding[0] or table.padding[2]
+            or table.style not in (None, "", "none")
             or any(row.style or row.end_section for row in table.rows)
             or any(col.width is not None or col.min_width is not None or col.max_width is not None or col.ratio
                    or col.vertical != "top" or col.style or col.highlight for col in columns)):
