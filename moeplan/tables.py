@@ -113,8 +113,7 @@ def _one_row(console: Console, options: ConsoleOptions, table: Table) -> Table |
     pads = [table._get_padding_width(i) for i in range(len(columns))]
     room = options.max_width - table._extra_width
     natural = [max(cell_len(t.plain) for t in texts) + pad for texts, pad in zip(cells, pads)]
-    # rich's widths: each column's widest cell when they fit side by side, else its own shrinking
-    widths = natural if sum(natural) <= room else table._calculate_column_widths(console, options.update_width(room))
+    widths = natural if sum(natural) <= room else _shrunk(table, natural, pads, room)
     rows = len(table.rows)
     heights = [1] * rows
     lines = [[1] * rows for _ in columns]
@@ -139,6 +138,21 @@ def _one_row(console: Console, options: ConsoleOptions, table: Table) -> Table |
         merged._cells = [Text("\n").join(parts)]
         one.columns.append(merged)
     return one
+
+
+def _shrunk(table: Table, natural: list[int], pads: list[int], room: int) -> list[int]:
+    """The column widths rich's Table._calculate_column_widths gives a table too wide for `room`, from
+    the widths its cells need (`natural`, padding included) instead of measuring every cell again:
+    rich collapses the wrappable columns (_collapse_widths), reduces all evenly if that is not
+    enough, then re-measures each column at its width, which gives min(its need, the width) (a
+    column narrower than its padding keeps the width)."""
+    from rich._ratio import ratio_reduce
+
+    widths = [min(n, room) for n in natural]
+    widths = table._collapse_widths(widths, [col.width is None and not col.no_wrap for col in table.columns], room)
+    if sum(widths) > room:
+        widths = ratio_reduce(sum(widths) - room, [1] * len(widths), widths, widths)
+    return [w if w - pad < 1 else min(n, w) for w, n, pad in zip(widths, natural, pads)]
 
 
 def _plain(cell: object) -> str:
