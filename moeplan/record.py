@@ -5,8 +5,13 @@ Why not a pydantic BaseModel: creating a pydantic class costs ~0.5 ms (it collec
 every field's annotation), and building an instance validates it. `moeplan fit` defines ~25 such
 classes and makes hundreds of instances from values its own arithmetic has just produced out of an
 already validated ModelSpec; as BaseModels they cost ~15 ms of a start-up that issue 17 bounds at
-1.15x a bare typer app. What users and files hand moeplan (model specs, deployment specs, routing,
-layout requests) is still validated by pydantic models; those classes are not Records.
+1.15x a bare typer app. Deployment specs are still pydantic models.
+
+Model specs (moeplan.spec) are user input, so they are Records that validate: a class that sets
+__record_validate__ is validated by its twin (below) on every construction, with the validators and
+config it gives the twin (__twin_validators__, __twin_config__); model_construct builds one without
+validation, for a spec already validated once (the precompiled card index), so a plain `fit` of a
+bundled card builds no pydantic class for it.
 
 So a Record is a plain frozen class: its fields are its annotations (the class attribute, if any, is
 the default), an instance holds the values it was given and the defaults for the rest, with no
