@@ -35,8 +35,9 @@ except ImportError:  # pragma: no cover - other Pythons
 INDEX_FILE = "index.json"
 INDEX_VERSION = 2
 # The modules whose code decides what a card's spec is: spec_from_config (spec.py), the card reader
-# (sources.py), the YAML reader (safeio.py), the escaping of names (escape.py), and this file's dump format.
-CODE_FILES = ("spec.py", "sources.py", "safeio.py", "escape.py", "card_index.py")
+# (sources.py), the YAML reader (safeio.py), the escaping of names (escape.py), the Record base the spec
+# classes are built on (record.py), and this file's dump format.
+CODE_FILES = ("spec.py", "sources.py", "safeio.py", "escape.py", "record.py", "card_index.py")
 _HERE = Path(__file__).resolve().parent
 
 
