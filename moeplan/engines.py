@@ -83,16 +83,26 @@ def overhead(engine: str, cuda_graphs: bool = True, *, a100: bool = False, vendo
     found = ENGINES.get((key, cuda_graphs))
     if found is None:
         raise MoeplanError(f"unknown engine '{engine}'; choose one of {', '.join(ENGINE_NAMES)}")
-    if key == "llama.cpp":
-        backend = "apple" if vendor == "apple" else "nvidia"
-        fitted = LLAMACPP_LAYER_S[backend] + (0.0 if cuda_graphs or backend == "apple" else _LLAMACPP_EAGER_LAYER_S)
-        return found.model_copy(update={"layer_s": fitted, "source": f"{found.source}; per-layer cost fitted for "
-                                        f"{backend} GPUs (docs/validation.md)"})
-    if key in ("vllm", "sglang") and vendor in (None, "nvidia"):
-        layer = SERVING_LAYER_S["nvidia"] + (0.0 if cuda_graphs else _EAGER_LAYER_S)
-        found = found.model_copy(update={"layer_s": layer, "source": f"{found.source}; per-layer cost fitted for "
-                                         "NVIDIA GPUs (docs/validation.md)"})
+    fitted = _fitted_layer_s(key, cuda_graphs, vendor)
+    if fitted is not None:
+        layer_s, where = fitted
+        found = found.model_copy(update={"layer_s": layer_s, "source": f"{found.source}; per-layer cost fitted for "
+                                         f"{where} GPUs (docs/validation.md)"})
     if a100 and found.collective_s:
         # [aic] vLLM eager all-reduce on A100: ~44 us against 4.9-5.7 us under graphs.
         return found.model_copy(update={"collective_s": 39e-6})
     return found
+
+
+def _fitted_layer_s(key: str, cuda_graphs: bool, vendor: str | None) -> tuple[float, str] | None:
+    """The fitted per-layer cost that replaces the 30 us floor for this engine and GPU vendor, and the
+    GPUs it was fitted for; None where the floor stands (the PyTorch loop; vLLM and SGLang on GPUs
+    other than NVIDIA's, ROCm among them)."""
+    if key == "llama.cpp":
+        backend = "apple" if vendor == "apple" else "nvidia"
+        # Metal has no graphs to turn off: every kernel is encoded per token either way.
+        eager = 0.0 if cuda_graphs or backend == "apple" else _LLAMACPP_EAGER_LAYER_S
+        return LLAMACPP_LAYER_S[backend] + eager, backend
+    if key in ("vllm", "sglang") and vendor in (None, "nvidia"):
+        return SERVING_LAYER_S["nvidia"] + (0.0 if cuda_graphs else _EAGER_LAYER_S), "NVIDIA"
+    return None

@@ -10,7 +10,7 @@ second line (still whole). `--json` always has every column.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.cells import cell_len
@@ -102,9 +102,7 @@ def _one_row(console: Console, options: ConsoleOptions, table: Table) -> Table |
         texts = []
         for cell in [col.header, *col._cells]:
             if isinstance(cell, str):  # what Console.render makes of a string cell
-                # with no "[" (markup) and no ":" (:emoji: codes) rich's parsers return it as it is
-                cell = (Text(cell) if "[" not in cell and ":" not in cell
-                        else console.render_str(cell, highlight=False, markup=options.markup))
+                cell = _text(cell, lambda c: console.render_str(c, highlight=False, markup=options.markup))
             if (not isinstance(cell, Text) or cell.style or cell.justify or cell.overflow or cell.no_wrap is not None
                     or "\n" in cell.plain):
                 return None
@@ -155,12 +153,22 @@ def _shrunk(table: Table, natural: list[int], pads: list[int], room: int) -> lis
     return [w if w - pad < 1 else min(n, w) for w, n, pad in zip(widths, natural, pads)]
 
 
+def _parsed(cell: str) -> bool:
+    """Whether rich's parsers could change a string cell: with no "[" (markup) and no ":" (:emoji: code)
+    they return it as it is, at ~20 us a cell, so only these are parsed."""
+    return "[" in cell or ":" in cell
+
+
+def _text(cell: str, parse: Callable[[str], Text] = Text.from_markup) -> Text:
+    """The Text rich makes of a string cell."""
+    return parse(cell) if _parsed(cell) else Text(cell)
+
+
 def _plain(cell: object) -> str:
     if isinstance(cell, Text):
         return cell.plain
     text = str(cell)
-    # No markup and no :emoji: code: parsing it would return the text as it is, at ~20 us a cell.
-    return Text.from_markup(text).plain if "[" in text or ":" in text else text
+    return _text(text).plain if _parsed(text) else text
 
 
 def _least_column_width(table: Table, col: Column) -> int:
