@@ -33,9 +33,10 @@ class Responsive:
         for col in table.columns:
             if col.justify == "right":
                 col.no_wrap = True  # numbers stay whole
-        need = {id(col): _least_column_width(table, col) for col in table.columns}
+        parse = _parser(console, options)
+        need = {id(col): _least_column_width(table, col, parse) for col in table.columns}
         dropped: list[str] = []
-        lines = _render_whole(console, options, table, need)
+        lines = _render_whole(console, options, table, need, parse)
         for name in self.drop:
             if lines is not None:
                 break
@@ -43,7 +44,7 @@ class Responsive:
             if name in headers:
                 table.columns.pop(headers.index(name))
                 dropped.append(name)
-                lines = _render_whole(console, options, table, need)
+                lines = _render_whole(console, options, table, need, parse)
         if lines is None:
             for col in table.columns:  # last resort: whole numbers folded onto two lines, never "…"
                 col.no_wrap = False
@@ -58,8 +59,8 @@ class Responsive:
                        style="dim")
 
 
-def _render_whole(console: Console, options: ConsoleOptions, table: Table,
-                  need: dict[int, int]) -> list[list[Segment]] | None:
+def _render_whole(console: Console, options: ConsoleOptions, table: Table, need: dict[int, int],
+                  parse: Callable[[str], Text]) -> list[list[Segment]] | None:
     """The table's lines if rich can render it at this width without cutting a cell, else None. It
     cuts when the table's least width (every number whole, every word of text on a line of its own)
     is more than there is, or when rich, rendering it, still writes "…" (its shrinking can squeeze a
@@ -67,7 +68,7 @@ def _render_whole(console: Console, options: ConsoleOptions, table: Table,
     least = (1 if table.show_edge else 0) + sum(need[id(c)] for c in table.columns)
     if least > options.max_width:
         return None
-    lines = console.render_lines((ONE_ROW and _one_row(console, options, table)) or table, options, pad=False,
+    lines = console.render_lines((ONE_ROW and _one_row(console, options, table, parse)) or table, options, pad=False,
                                  new_lines=False)
     if any("…" in segment.text for line in lines for segment in line):
         return None
@@ -78,7 +79,7 @@ def _render_whole(console: Console, options: ConsoleOptions, table: Table,
 ONE_ROW = True
 
 
-def _one_row(console: Console, options: ConsoleOptions, table: Table) -> Table | None:
+def _one_row(console: Console, options: ConsoleOptions, table: Table, parse: Callable[[str], Text]) -> Table | None:
     """`table` as one body row of multi-line cells, each column fixed at the width rich gives it in
     `table`: the same lines, segment styles and borders at a fraction of the cost. rich lays out every
     cell on its own (a Padding, a measure, a wrap, ~70 us a cell: most of `fit`'s printing, which issue
@@ -102,7 +103,7 @@ def _one_row(console: Console, options: ConsoleOptions, table: Table) -> Table |
         texts = []
         for cell in [col.header, *col._cells]:
             if isinstance(cell, str):  # what Console.render makes of a string cell
-                cell = _text(cell, lambda c: console.render_str(c, highlight=False, markup=options.markup))
+                cell = _text(cell, parse)
             if (not isinstance(cell, Text) or cell.style or cell.justify or cell.overflow or cell.no_wrap is not None
                     or "\n" in cell.plain):
                 return None
@@ -153,27 +154,33 @@ def _shrunk(table: Table, natural: list[int], pads: list[int], room: int) -> lis
     return [w if w - pad < 1 else min(n, w) for w, n, pad in zip(widths, natural, pads)]
 
 
+def _parser(console: Console, options: ConsoleOptions) -> Callable[[str], Text]:
+    """What the console makes of a string cell (Console.render's render_str, with the table's markup
+    setting and the console's emoji setting: moeplan's consoles leave ":smile:" in a model name alone)."""
+    return lambda cell: console.render_str(cell, highlight=False, markup=options.markup)
+
+
 def _parsed(cell: str) -> bool:
     """Whether rich's parsers could change a string cell: with no "[" (markup) and no ":" (:emoji: code)
     they return it as it is, at ~20 us a cell, so only these are parsed."""
     return "[" in cell or ":" in cell
 
 
-def _text(cell: str, parse: Callable[[str], Text] = Text.from_markup) -> Text:
-    """The Text rich makes of a string cell."""
+def _text(cell: str, parse: Callable[[str], Text]) -> Text:
+    """The Text `parse` (the console's) makes of a string cell."""
     return parse(cell) if _parsed(cell) else Text(cell)
 
 
-def _plain(cell: object) -> str:
+def _plain(cell: object, parse: Callable[[str], Text]) -> str:
     if isinstance(cell, Text):
         return cell.plain
     text = str(cell)
-    return _text(text).plain if _parsed(text) else text
+    return _text(text, parse).plain if _parsed(text) else text
 
 
-def _least_column_width(table: Table, col: Column) -> int:
+def _least_column_width(table: Table, col: Column, parse: Callable[[str], Text]) -> int:
     """The narrowest `col` can be with its cells whole, its right border included."""
-    cells = [_plain(c) for c in col._cells] + [_plain(col.header)]
+    cells = [_plain(c, parse) for c in col._cells] + [_plain(col.header, parse)]
     if col.no_wrap:
         need = max((len(line) for c in cells for line in c.splitlines() or [""]), default=0)
     else:

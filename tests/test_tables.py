@@ -54,12 +54,12 @@ def captured() -> list[tables.Responsive]:
     return found
 
 
-def _render(table: tables.Responsive, width: int, color: bool, one_row: bool) -> str:
+def _render(table: tables.Responsive, width: int, color: bool, one_row: bool, emoji: bool = False) -> str:
     tables.ONE_ROW = one_row
     try:
         buf = io.StringIO()
         console = Console(file=buf, width=width, highlight=False, soft_wrap=False, force_terminal=color,
-                          color_system="truecolor" if color else None)
+                          color_system="truecolor" if color else None, emoji=emoji)
         console.print(table)
         return buf.getvalue()
     finally:
@@ -74,12 +74,29 @@ def test_one_row_tables_are_rich_tables_byte_for_byte(captured, color):
             assert fast == slow, (str(table.table.title), width)
 
 
+@pytest.mark.parametrize("emoji", [False, True], ids=["emoji-off", "emoji-on"])
+def test_cells_are_parsed_as_the_console_parses_them(emoji):
+    """moeplan's consoles leave ":smile:" (a model's name, a reason with a colon) as written; a console
+    with emoji on replaces it. Both paths, and the widths they measure, follow the console."""
+    from rich.table import Table
+
+    table = Table(title="t")
+    for name in ("name", "why", "n"):
+        table.add_column(name, justify="right" if name == "n" else "left")
+    table.add_row(":smile: model", "over by: 5.04 GiB [b]bold[/b] " * 4, "32,768")
+    table.add_row("x:thumbs_up:", "fits in 4 layout(s)", "1")
+    for width in (40, 80, 120):
+        fast = _render(tables.responsive(table), width, False, True, emoji)
+        assert fast == _render(tables.responsive(table), width, False, False, emoji), width
+        assert (":smile:" in fast) is not emoji and "[b]" not in fast and "32,768" in fast
+
+
 def test_most_tables_take_the_one_row_path(captured, monkeypatch):
     used = []
     real = tables._one_row
 
-    def spy(console, options, table):  # type: ignore[no-untyped-def]
-        out = real(console, options, table)
+    def spy(console, options, table, parse):  # type: ignore[no-untyped-def]
+        out = real(console, options, table, parse)
         used.append(out is not None)
         return out
 
@@ -98,15 +115,16 @@ def test_cells_the_one_row_path_does_not_reproduce_fall_back_to_rich():
     plain.add_column("a")
     plain.add_row("x")
     plain.add_row("y")
-    assert tables._one_row(console, console.options, plain) is not None
+    parse = tables._parser(console, console.options)
+    assert tables._one_row(console, console.options, plain, parse) is not None
     for cell in (Text("styled", style="bold"), "two\nlines", Text("right", justify="right")):
         table = Table()
         table.add_column("a")
         table.add_row("x")
         table.add_row(cell)
-        assert tables._one_row(console, console.options, table) is None, cell
+        assert tables._one_row(console, console.options, table, parse) is None, cell
     separated = Table(show_lines=True)
     separated.add_column("a")
     separated.add_row("x")
     separated.add_row("y")
-    assert tables._one_row(console, console.options, separated) is None
+    assert tables._one_row(console, console.options, separated, parse) is None
