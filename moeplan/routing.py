@@ -10,8 +10,9 @@ Model (shape legend: E experts, k = top_k, T tokens, R = ep ranks, E_r experts o
   of a token's k picks land on it; its received tokens (what an all-to-all that sends each token
   once per destination rank moves, as DeepEP does) are T Bernoullis;
 - the busiest rank, for small batches (T x k <= 256 picks), is averaged over seeded random batches
-  drawn by exactly this process: ranks are far from independent there (Mixtral's 2 picks on 8 ranks
-  of one expert each put exactly 1 on the busiest rank, which independent ranks would say is 0.90);
+  drawn by exactly this process (two ranks, uniform routing: computed exactly instead): ranks are
+  far from independent there (Mixtral's 2 picks on 8 ranks of one expert each put exactly 1 on the
+  busiest rank, which independent ranks would say is 0.90);
   for larger batches E[max_r X_r] = sum_x (1 - prod_r P(X_r < x)) treats ranks as independent, and
   past 64 expected assignments a rank's load is normal (central limit) and the sum an integral.
 Experts sit on ranks in contiguous blocks, E // R each and one more on the first E % R ranks (vLLM
@@ -258,15 +259,18 @@ def _rank_load(q: list[float], top_k: int, tokens: float, placement: list[list[i
 def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[list[int]]) -> tuple[float, float, float]:
     """E[max over ranks] of distinct experts, assignments and received tokens, averaged over _SAMPLES
     batches drawn as the model says (k distinct experts per token, expert e with weight q_e), seeded
-    so every call gives the same figure."""
+    so every call gives the same figure. Uniform routing over two ranks is computed exactly instead
+    (_two_ranks_uniform: the same expectations, without the sampling noise, at ~1/15 the cost)."""
     import random
 
+    uniform = max(q) - min(q) < 1e-12
+    if uniform and len(placement) == 2 and 0 < top_k <= len(q):
+        return _two_ranks_uniform(len(q), top_k, tokens, len(placement[0]))
     rnd = random.Random(1234)
     owner = [0] * len(q)
     for r, rng in enumerate(placement):
         for e in rng:
             owner[e] = r
-    uniform = max(q) - min(q) < 1e-12
     if uniform and 0 < top_k <= len(q) and _fast_sample_matches():
         return _sampled_max_uniform(len(q), top_k, tokens, owner, len(placement))
     experts = range(len(q))
@@ -291,6 +295,53 @@ def _sampled_max(q: list[float], top_k: int, tokens: int, placement: list[list[i
         sums[1] += max(assign)
         sums[2] += max(hits)
     return sums[0] / _SAMPLES, sums[1] / _SAMPLES, sums[2] / _SAMPLES
+
+
+def _hyper_pmf(total: int, good: int, draws: int) -> list[float]:
+    """P(a of the `good` among `draws` drawn without replacement from `total`), a = 0..draws."""
+    out = [0.0] * (draws + 1)
+    ways = math.comb(total, draws)
+    for a in range(max(0, draws - (total - good)), min(good, draws) + 1):
+        out[a] = math.comb(good, a) * math.comb(total - good, draws - a) / ways
+    return out
+
+
+def _two_ranks_uniform(n: int, k: int, tokens: int, n0: int) -> tuple[float, float, float]:
+    """_sampled_max's three figures for uniform routing over two ranks (n0 experts on the first),
+    exactly, not sampled. Two ranks are the one case with a short exact form:
+    - distinct: the law of the set of touched experts is unchanged by relabelling experts, so given
+      its size m it is a uniform m-subset and the first rank holds Hypergeometric(n, n0, m) of it;
+      m itself follows a chain over tokens (a token's k picks add Hypergeometric(n, n - m, k) new);
+    - assignments: the first rank's count is a sum of T per-token Hypergeometric(n, n0, k) draws and
+      the second's is T k minus it;
+    - received tokens: a token reaches only the first rank (all k picks there), only the second, or
+      both; the busiest receives the "both" tokens plus the larger of the two one-rank counts.
+    tests/test_routing_offload.py checks these against the sampler and a direct simulation."""
+    t = tokens
+    reach = min(n, t * k)
+    new = [_hyper_pmf(n, n - m, k) for m in range(reach + 1)]  # new experts a token adds, m touched
+    size = [1.0]
+    for _ in range(t):
+        nxt = [0.0] * min(reach + 1, len(size) + k)
+        for m, mass in enumerate(size):
+            if mass:
+                for j, p in enumerate(new[m]):
+                    if p:
+                        nxt[m + j] += mass * p
+        size = nxt
+    distinct = sum(mass * sum(p * max(a, m - a) for a, p in enumerate(_hyper_pmf(n, n0, m)))
+                   for m, mass in enumerate(size) if mass)
+    per_token = _hyper_pmf(n, n0, k)
+    assign = sum(p * max(a, t * k - a) for a, p in enumerate(_convolve_power(per_token, t)))
+    only_second, only_first = per_token[0], per_token[k]
+    one_rank = only_first + only_second
+    received = t * (1 - one_rank)
+    if one_rank > 0:
+        first = only_first / one_rank
+        for m, mass in enumerate(_binomial(t, one_rank)):
+            if mass > 1e-300:
+                received += mass * sum(p * max(x, m - x) for x, p in enumerate(_binomial(m, first)))
+    return distinct, assign, received
 
 
 class _MTWords:

@@ -118,6 +118,23 @@ def test_busiest_rank_matches_a_direct_simulation(e, k, t, r):
         assert 2.3 < load.distinct_max < 2.7 and load.distinct_mean == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize(("e", "k", "t"), [(8, 2, 1), (8, 2, 18), (9, 2, 5), (60, 4, 18), (128, 8, 5), (16, 1, 32)])
+def test_two_ranks_exact_figures_match_the_sampler_and_a_simulation(e, k, t):
+    """Two ranks under uniform routing are computed exactly (routing._two_ranks_uniform); the sampler
+    that other rank counts use, and a direct simulation, must agree with it within sampling noise."""
+    from moeplan import routing
+
+    load = routing.rank_load(e, k, t, 2)
+    owner = [r for r, rng in enumerate(routing.blocks(e, 2)) for _ in rng]
+    sampled = routing._sampled_max_uniform(e, k, t, owner, 2)
+    sim = _simulate(e, k, t, 2, batches=400, seed=11)
+    exact = (load.distinct_max, load.assignments_max, load.tokens_in_max)
+    assert exact == pytest.approx(sampled, rel=0.04)
+    assert exact == pytest.approx(sim, rel=0.04)
+    if (e, k, t) == (8, 2, 1):  # both picks on one rank of four with P = 2 C(4,2) / C(8,2) = 3/7
+        assert load.distinct_max == pytest.approx(1 + 3 / 7, abs=1e-12) and load.tokens_in_max == 1.0
+
+
 def test_collectives_are_the_measured_figures():
     from moeplan.comm import LINKS, allreduce_s, alltoall_s
 
