@@ -29,6 +29,43 @@ def _kinds(name: str) -> tuple[type[BaseException], ...]:
 
 
 _NO_ARGS, _USAGE, _EXIT, _ABORT = (_kinds(n) for n in ("NoArgsIsHelpError", "UsageError", "Exit", "Abort"))
+
+
+class _GivesNone:
+    """What typer's coercion (RuntimeParam.coerce) does with None, without what it needs for a value."""
+
+    @staticmethod
+    def coerce(value: Any, param: Any = None, ctx: Any = None) -> None:
+        return None
+
+
+def _coerce_none_without_an_adapter() -> None:
+    """typer (0.2x) builds a pydantic TypeAdapter for an option before coercing its value, ~0.2 ms
+    each, even when the value is None (an option not given, as 16 of `fit`'s are in a plain run),
+    which its coercion then returns untouched without using the adapter. This lets such an option take
+    typer's own process_value (required check, callbacks) with None passed straight through; any other
+    value, and a typer without these internals, goes the usual way. tests/test_cli_conventions.py checks
+    the options still come out as typer gives them."""
+    cls = getattr(getattr(typer, "core", None), "_TyperParameter", None)
+    original = getattr(cls, "process_value", None)
+    if cls is None or original is None or not hasattr(cls, "get_runtime_param") or getattr(original, "_moeplan", False):
+        return
+
+    def process_value(self: Any, ctx: Any, value: Any) -> Any:
+        if value is not None or getattr(self, "_runtime_param", 0) is not None or self.multiple or self.nargs != 1:
+            return original(self, ctx, value)
+        self._runtime_param = _GivesNone
+        try:
+            return original(self, ctx, value)
+        finally:
+            self._runtime_param = None
+
+    process_value._moeplan = True  # type: ignore[attr-defined]
+    process_value._typer = original  # type: ignore[attr-defined]  # for the test that compares the two
+    cls.process_value = process_value
+
+
+_coerce_none_without_an_adapter()
 from rich.console import Console
 from rich.markup import escape
 

@@ -179,3 +179,39 @@ def test_check_table_at_80_columns_cuts_no_number(tmp_path) -> None:
     assert table_lines and max(len(line) for line in table_lines) <= 80 and not any("…" in x for x in table_lines)
     assert set(NUMBERS.findall("\n".join(table_lines))) <= set(NUMBERS.findall(wide.stdout))
     assert "decode tok/s" in narrow.stdout  # the figure a check is about stays
+
+
+def test_options_not_given_come_out_as_typer_gives_them_without_an_adapter_each(monkeypatch) -> None:
+    """moeplan.cli passes an option's None straight through typer's process_value instead of having
+    typer build a pydantic adapter for it first (start-up); values, callbacks, lists and errors must
+    come out exactly as typer's own coercion gives them."""
+    import typer.core
+
+    patched = typer.core._TyperParameter.process_value
+    assert getattr(patched, "_moeplan", False), "moeplan.cli did not install its None pass-through"
+    built: list[object] = []
+    real = typer.core.build_runtime_param
+    monkeypatch.setattr(typer.core, "build_runtime_param", lambda d: built.append(d.annotation) or real(d))
+
+    def run(args: list[str]) -> tuple[int, str, dict[str, object], int]:
+        seen: dict[str, object] = {}
+        demo = typer.Typer()
+
+        @demo.command()
+        def go(a: int | None = typer.Option(None), b: str | None = typer.Option(None, callback=lambda v: f"cb:{v}"),
+               c: float = typer.Option(2.5), d: list[str] | None = typer.Option(None),
+               p: Path | None = typer.Option(None), req: str = typer.Option(...)) -> None:
+            seen.update(a=a, b=b, c=c, d=d, p=p, req=req)
+
+        before = len(built)
+        res = CliRunner().invoke(demo, args)
+        return res.exit_code, res.output, seen, len(built) - before
+
+    cases = (["--req", "x"], ["--req", "x", "--a", "3", "--b", "y", "--d", "1", "--d", "2", "--p", "f"],
+             ["--req", "x", "--a", "three"], [])
+    ours = [run(args) for args in cases]
+    monkeypatch.setattr(typer.core._TyperParameter, "process_value", patched._typer)
+    theirs = [run(args) for args in cases]
+    assert [o[:3] for o in ours] == [t[:3] for t in theirs]
+    assert ours[0][2] == {"a": None, "b": "cb:None", "c": 2.5, "d": None, "p": None, "req": "x"}
+    assert ours[0][3] < theirs[0][3]  # fewer adapters built when options are not given
