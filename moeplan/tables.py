@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from rich.console import Console, ConsoleOptions, RenderResult
 from rich.cells import cell_len
@@ -68,31 +69,46 @@ def _render_whole(console: Console, options: ConsoleOptions, table: Table, need:
     least = (1 if table.show_edge else 0) + sum(need[id(c)] for c in table.columns)
     if least > options.max_width:
         return None
-    lines = console.render_lines((ONE_ROW and _one_row(console, options, table, parse)) or table, options, pad=False,
-                                 new_lines=False)
+    layout = _layout(console, options, table, parse) if ONE_ROW else None
+    lines = None
+    if layout is not None and console.color_system is None and not console.record:
+        lines = _plain_lines(console, options, table, layout)
+    if lines is None:
+        lines = console.render_lines(_one_row_of(table, layout) if layout is not None else table, options,
+                                     pad=False, new_lines=False)
     if any("…" in segment.text for line in lines for segment in line):
         return None
     return lines
 
 
-# Render plain tables through _one_row (tests/test_tables.py renders every table both ways and compares).
+# Render plain tables through _layout (tests/test_tables.py renders every table both ways and compares).
 ONE_ROW = True
 
 
-def _one_row(console: Console, options: ConsoleOptions, table: Table, parse: Callable[[str], Text]) -> Table | None:
-    """`table` as one body row of multi-line cells, each column fixed at the width rich gives it in
-    `table`: the same lines, segment styles and borders at a fraction of the cost. rich lays out every
-    cell on its own (a Padding, a measure, a wrap, ~70 us a cell: most of `fit`'s printing, which issue
-    17's start-up bound counts); here each column is one Text, its rows joined by newlines, a row that
-    another cell wraps onto more lines padded with blank lines as rich pads it (cells align at the top).
+class _Layout(NamedTuple):
+    """Where rich puts a plain table's cells: the cells as Texts (per column: header, then each row),
+    each column's width (padding included), and how many lines each body cell and row wraps to."""
+
+    cells: list[list[Text]]
+    widths: list[int]
+    heights: list[int]  # per body row
+    lines: list[list[int]]  # per column, per body row
+    wrapped: dict[tuple[int, int], list[str]]  # (column, row): the lines of a body cell that wraps
+
+
+def _layout(console: Console, options: ConsoleOptions, table: Table, parse: Callable[[str], Text]) -> _Layout | None:
+    """The layout rich gives `table`, worked out from each cell's text once. rich lays out every cell
+    on its own (a Padding, a measure, a wrap, ~70 us a cell: most of `fit`'s printing, which issue 17's
+    start-up bound counts); the two fast paths below draw from this instead.
 
     Only for the plain tables moeplan draws; None (render `table` itself) for anything with a
-    feature this does not reproduce: row styles or separators, footers, vertical padding, fixed or
-    ratio widths, column styles, cells that are not plain strings or unstyled Texts, a newline in a cell."""
+    feature this does not reproduce: row styles or separators, footers, captions, vertical padding,
+    fixed or ratio widths, column styles, cells that are not plain strings or unstyled Texts, a
+    newline or tab in a cell."""
     columns = table.columns
     if (len(table.rows) < 2 or table.show_lines or table.leading or table.show_footer or table.row_styles
             or table.expand or table.width is not None or table.min_width is not None or not table.box
-            or table.collapse_padding or table.padding[0] or table.padding[2]
+            or table.collapse_padding or table.padding[0] or table.padding[2] or table.caption
             or table.style not in (None, "", "none")
             or any(row.style or row.end_section for row in table.rows)
             or any(col.width is not None or col.min_width is not None or col.max_width is not None or col.ratio
@@ -105,38 +121,139 @@ def _one_row(console: Console, options: ConsoleOptions, table: Table, parse: Cal
             if isinstance(cell, str):  # what Console.render makes of a string cell
                 cell = _text(cell, parse)
             if (not isinstance(cell, Text) or cell.style or cell.justify or cell.overflow or cell.no_wrap is not None
-                    or "\n" in cell.plain):
+                    or "\n" in cell.plain or "\t" in cell.plain):
                 return None
             texts.append(cell)
         cells.append(texts)
     pads = [table._get_padding_width(i) for i in range(len(columns))]
     room = options.max_width - table._extra_width
-    natural = [max(cell_len(t.plain) for t in texts) + pad for texts, pad in zip(cells, pads)]
+    shown = 0 if table.show_header else 1  # rich measures a header only when it is drawn
+    natural = [max(cell_len(t.plain) for t in texts[shown:]) + pad for texts, pad in zip(cells, pads)]
     widths = natural if sum(natural) <= room else _shrunk(table, natural, pads, room)
     rows = len(table.rows)
     heights = [1] * rows
     lines = [[1] * rows for _ in columns]
+    wrapped: dict[tuple[int, int], list[str]] = {}
     for j, (col, texts) in enumerate(zip(columns, cells)):
         inner = widths[j] - pads[j]
         if col.no_wrap or natural[j] - pads[j] <= inner:
             continue
         for i, text in enumerate(texts[1:]):
             if cell_len(text.plain) > inner:
-                lines[j][i] = len(text.wrap(console, inner, justify=col.justify, overflow=col.overflow))
+                wrapped[j, i] = [line.plain for line in text.wrap(console, inner, justify=col.justify,
+                                                                  overflow=col.overflow)]
+                lines[j][i] = len(wrapped[j, i])
                 heights[i] = max(heights[i], lines[j][i])
+    return _Layout(cells, widths, heights, lines, wrapped)
+
+
+def _one_row(console: Console, options: ConsoleOptions, table: Table, parse: Callable[[str], Text]) -> Table | None:
+    """`table` as rich would draw it but as one body row of multi-line cells (_one_row_of), or None."""
+    layout = _layout(console, options, table, parse)
+    return None if layout is None else _one_row_of(table, layout)
+
+
+def _one_row_of(table: Table, layout: _Layout) -> Table:
+    """`table` as one body row of multi-line cells, each column fixed at the width rich gives it in
+    `table`: the same lines, segment styles and borders at a fraction of the cost. Each column is one
+    Text, its rows joined by newlines, a row that another cell wraps onto more lines padded with blank
+    lines as rich pads it (cells align at the top)."""
     one = copy.copy(table)
     one.rows = [Row()]
     one.columns = []
-    for j, (col, texts) in enumerate(zip(columns, cells)):
+    for j, (col, texts) in enumerate(zip(table.columns, layout.cells)):
         parts: list[Text] = []
         for i, text in enumerate(texts[1:]):
             parts.append(text)
-            parts.extend(Text() for _ in range(heights[i] - lines[j][i]))
+            parts.extend(Text() for _ in range(layout.heights[i] - layout.lines[j][i]))
         merged = copy.copy(col)
-        merged.width = widths[j] - pads[j]
+        merged.width = layout.widths[j] - table._get_padding_width(j)
         merged._cells = [Text("\n").join(parts)]
         one.columns.append(merged)
     return one
+
+
+def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout: _Layout) -> list[list[Segment]] | None:
+    """The lines rich draws for `table` when no style will be written (no colour, not recording), as
+    plain strings: the title through rich itself, then the box and each cell's lines justified and
+    padded to its column as rich pads them (header cells align at the bottom, body cells at the top).
+    None for a justification this does not reproduce ("full")."""
+    from rich.cells import set_cell_size
+    from rich.style import Style
+
+    columns = table.columns
+    last = len(columns) - 1
+    if any(col.justify not in ("left", "right", "center", "default") for col in columns):
+        return None
+    box = table.box.substitute(options, safe=table.safe_box if table.safe_box is not None else console.safe_box)
+    if not table.show_header:
+        box = box.get_plain_headed_box()
+    widths = layout.widths
+    table_width = sum(widths) + table._extra_width
+    out: list[list[Segment]] = []
+    if table.title:
+        title = table.title
+        text = console.render_str(title, style=Style.pick_first(table.title_style, "table.title"),
+                                  highlight=False) if isinstance(title, str) else title
+        title_options = options.update(width=table_width, highlight=table.highlight, height=None,
+                                       justify=table.title_justify)
+        out += console.render_lines(text, title_options, pad=False, new_lines=False)
+
+    def side(j: int) -> tuple[int, int]:
+        left, right = table.padding[3], table.padding[1]
+        if not table.pad_edge:
+            left, right = (0 if j == 0 else left), (0 if j == last else right)
+        return left, right
+
+    sides = [side(j) for j in range(len(columns))]
+
+    def cell_lines(j: int, text: Text, row: int) -> list[str]:
+        col, (left, right) = columns[j], sides[j]
+        inner = widths[j] - left - right
+        plain = text.plain
+        if cell_len(plain) > inner:
+            wrapped = layout.wrapped.get((j, row)) or [
+                line.plain for line in text.wrap(console, inner, justify=col.justify, overflow=col.overflow,
+                                                 no_wrap=col.no_wrap)]
+            lines = [set_cell_size(line, inner) for line in wrapped]
+        elif col.justify == "right":
+            plain = plain.rstrip()
+            lines = [" " * (inner - cell_len(plain)) + plain]
+        elif col.justify == "center":
+            plain = plain.rstrip()
+            gap = inner - cell_len(plain)
+            lines = [" " * (gap // 2) + plain + " " * (gap - gap // 2)]
+        else:
+            lines = [plain + " " * (inner - cell_len(plain))]
+        return [" " * left + line + " " * right for line in lines]
+
+    edge = table.show_edge
+    if edge:
+        out.append([Segment(box.get_top(widths))])
+    rows = [[cell_lines(j, texts[0], -1) for j, texts in enumerate(layout.cells)]] if table.show_header else []
+    rows += [[cell_lines(j, texts[i + 1], i) for j, texts in enumerate(layout.cells)] for i in range(len(table.rows))]
+    for index, row in enumerate(rows):
+        header = index == 0 and table.show_header
+        height = max(len(c) for c in row)
+        blank = [" " * w for w in widths]
+        if header:  # header cells sit at the bottom of their row
+            row = [[blank[j]] * (height - len(c)) + c for j, c in enumerate(row)]
+        else:
+            row = [c + [blank[j]] * (height - len(c)) for j, c in enumerate(row)]
+        if index == 0:
+            left, right, divider = box.head_left, box.head_right, box.head_vertical
+        elif index == len(rows) - 1:
+            left, right, divider = box.foot_left, box.foot_right, box.foot_vertical
+        else:
+            left, right, divider = box.mid_left, box.mid_right, box.mid_vertical
+        for n in range(height):
+            body = divider.join(c[n] for c in row)
+            out.append([Segment(left + body + right if edge else body)])
+        if header:
+            out.append([Segment(box.get_row(widths, "head", edge=edge))])
+    if edge:
+        out.append([Segment(box.get_bottom(widths))])
+    return out
 
 
 def _shrunk(table: Table, natural: list[int], pads: list[int], room: int) -> list[int]:

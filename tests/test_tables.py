@@ -1,8 +1,9 @@
-"""moeplan.tables' one-row rendering (issue 17's start-up) draws exactly what rich draws.
+"""moeplan.tables' fast rendering (issue 17's start-up) draws exactly what rich draws.
 
 Every table the commands below print is captured and rendered both ways (tables.ONE_ROW on and off)
-at narrow to wide widths, as plain text and as 24-bit ANSI (so segment styles count too); the bytes
-must be equal. Both are then checked to have taken the path meant: the one-row path for most tables."""
+at narrow to wide widths, as plain text (the strings path, _plain_lines) and as 24-bit ANSI (the
+one-row path, _one_row_of, so segment styles count too); the bytes must be equal. Both are then
+checked to have taken the path meant, for most tables."""
 
 from __future__ import annotations
 
@@ -91,19 +92,36 @@ def test_cells_are_parsed_as_the_console_parses_them(emoji):
         assert (":smile:" in fast) is not emoji and "[b]" not in fast and "32,768" in fast
 
 
-def test_most_tables_take_the_one_row_path(captured, monkeypatch):
-    used = []
-    real = tables._one_row
+def test_most_tables_take_the_fast_paths(captured, monkeypatch):
+    """Both fast paths are taken (the checks above would pass vacuously if neither were): plain output
+    draws most tables as strings (_plain_lines), coloured output as one row (_one_row_of)."""
+    laid, plain, merged = [], [], []
+    real_layout, real_plain, real_merged = tables._layout, tables._plain_lines, tables._one_row_of
 
-    def spy(console, options, table, parse):  # type: ignore[no-untyped-def]
-        out = real(console, options, table, parse)
-        used.append(out is not None)
+    def spy_layout(*args):  # type: ignore[no-untyped-def]
+        out = real_layout(*args)
+        laid.append(out is not None)
         return out
 
-    monkeypatch.setattr(tables, "_one_row", spy)
+    def spy_plain(*args):  # type: ignore[no-untyped-def]
+        out = real_plain(*args)
+        plain.append(out is not None)
+        return out
+
+    def spy_merged(*args):  # type: ignore[no-untyped-def]
+        merged.append(True)
+        return real_merged(*args)
+
+    monkeypatch.setattr(tables, "_layout", spy_layout)
+    monkeypatch.setattr(tables, "_plain_lines", spy_plain)
+    monkeypatch.setattr(tables, "_one_row_of", spy_merged)
     for table in captured:
         _render(table, 120, False, True)
-    assert sum(used) >= len(used) // 2, used
+    assert sum(laid) >= len(laid) // 2 and sum(plain) == sum(laid) and not merged, (laid, plain)
+    laid.clear()
+    for table in captured:
+        _render(table, 120, True, True)
+    assert len(merged) == sum(laid) >= len(laid) // 2, (laid, merged)
 
 
 def test_cells_the_one_row_path_does_not_reproduce_fall_back_to_rich():
@@ -128,3 +146,49 @@ def test_cells_the_one_row_path_does_not_reproduce_fall_back_to_rich():
     separated.add_row("x")
     separated.add_row("y")
     assert tables._one_row(console, console.options, separated, parse) is None
+
+
+def _variants():  # type: ignore[no-untyped-def]
+    """Tables with what moeplan's own do not all have: wrapped headers, centred and right-justified
+    columns, wide characters, trailing spaces, no edge, no header, no edge padding, another box."""
+    from rich import box
+    from rich.table import Table
+
+    for options in ({}, {"show_edge": False}, {"show_header": False}, {"pad_edge": False},
+                    {"box": box.ROUNDED}, {"box": box.SIMPLE}, {"title": None}):
+        table = Table(**{"title": "a title long enough to wrap at the narrow widths tested here", "title_justify": "left",
+                         **options})
+        table.add_column("a header that wraps", justify="center")
+        table.add_column("n", justify="right")
+        table.add_column("why")
+        table.add_column("宽字符", justify="center")
+        table.add_row("x", "1,024", "over by 5.04 GiB (5.42 GB) because the experts do not fit " * 2, "中文")
+        table.add_row("centred ", "7 ", "short", "é")
+        table.add_row("", "32,768", "fits in 4 layout(s)", "")
+        yield table
+
+
+@pytest.mark.parametrize("color", [False, True], ids=["plain", "ansi"])
+def test_table_variants_render_as_rich_renders_them(color):
+    for number, table in enumerate(_variants()):
+        for width in (30, 44, 60, 90, 140):
+            fast = _render(tables.responsive(table), width, color, True)
+            assert fast == _render(tables.responsive(table), width, color, False), (number, width)
+
+
+def test_ascii_only_consoles_get_rich_ascii_boxes():
+    table = next(_variants())
+    table.columns.pop()  # the wide characters cannot be written in ASCII at all
+    outs = []
+    for one_row in (True, False):
+        tables.ONE_ROW = one_row
+        try:
+            raw = io.BytesIO()
+            stream = io.TextIOWrapper(raw, encoding="ascii")
+            console = Console(file=stream, width=80, highlight=False, soft_wrap=False, color_system=None, emoji=False)
+            console.print(tables.responsive(table))
+            stream.flush()
+            outs.append(raw.getvalue().decode("ascii"))
+        finally:
+            tables.ONE_ROW = True
+    assert outs[0] == outs[1] and "+" in outs[0] and "-" in outs[0]
