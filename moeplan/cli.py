@@ -533,14 +533,20 @@ def fit_cmd(
             out.print(responsive(plans_table(res), drop=("at max batch", "engine", "TTFT ms", "tok/s total", "max batch")))
         if res.best is not None:
             out.print(memory_bars(res.best, out.width))
-        for note in res.notes:
-            out.print(f"[dim]- {escape(printable(note))}[/dim]")
+        _print_notes(res.notes)
         if command:
             out.print(f"\n[b]launch ({emit}):[/b]")
             out.print(command, markup=False, highlight=False, soft_wrap=True)
     if emit_error is not None:
         _fail(f"--emit {emit}: {emit_error}")
     raise typer.Exit(EXIT_OK if res.fits else EXIT_MISS)  # true or "offload": it runs
+
+
+def _print_notes(notes: list[str]) -> None:
+    """Each note on its own dim "- " line (user text escaped, never markup); one print for all of them,
+    since every print is a render and a write of its own."""
+    if notes:
+        out.print("\n".join(f"[dim]- {escape(printable(note))}[/dim]" for note in notes))
 
 
 def _emit(engine: str, spec: Any, res: Any, gpus: Any, rank: Any) -> str | None:
@@ -681,8 +687,7 @@ def compare_cmd(
         out.print(responsive(compare_table(res)))
         for line in res.verdict:
             out.print(f"- {escape(line)}")
-        for note in res.notes:
-            out.print(f"[dim]- {escape(printable(note))}[/dim]")
+        _print_notes(res.notes)
     raise typer.Exit(EXIT_OK if any(r.fits for r in res.rows) else EXIT_MISS)
 
 
