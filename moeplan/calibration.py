@@ -27,6 +27,7 @@ import math
 import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -43,12 +44,18 @@ FILE_NAME = "calibration.json"
 def calibration_path() -> Path:
     """$MOEPLAN_CACHE/calibration.json, else $XDG_CACHE_HOME/moeplan/calibration.json, else
     ~/.cache/moeplan/calibration.json (the XDG base-directory default)."""
+    env = os.environ
+    return _path_for(env.get("MOEPLAN_CACHE") or "", env.get("XDG_CACHE_HOME") or "", env.get("HOME") or "")
+
+
+@lru_cache(maxsize=8)
+def _path_for(moeplan_cache: str, xdg_cache_home: str, home: str) -> Path:
+    """calibration_path for these variables (HOME is what "~" expands to): a fit asks ~20 times."""
     from moeplan.safeio import expand_user
 
-    if os.environ.get("MOEPLAN_CACHE"):
-        return expand_user(os.environ["MOEPLAN_CACHE"], "MOEPLAN_CACHE") / FILE_NAME
-    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    return expand_user(base, "XDG_CACHE_HOME") / "moeplan" / FILE_NAME
+    if moeplan_cache:
+        return expand_user(moeplan_cache, "MOEPLAN_CACHE") / FILE_NAME
+    return expand_user(xdg_cache_home or "~/.cache", "XDG_CACHE_HOME") / "moeplan" / FILE_NAME
 
 
 def clip_efficiency(value: float, upper: float = MAX_EFFICIENCY) -> float:
@@ -238,6 +245,23 @@ def _read(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+_LAST: dict[str, Any] = {}  # the file last read: its path and stat signature, and its entries
+
+
+def _entries(path: Path) -> dict[str, Any]:
+    """_read(path), read again only when the file changed (another path, size, mtime or inode: a save
+    renames a new file over it): a fit asks for the calibration of every plan it ranks."""
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return {}
+    signature = (str(path), st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev)
+    if _LAST.get("signature") != signature:
+        _LAST.clear()
+        _LAST.update(signature=signature, entries=_read(path))
+    return _LAST["entries"]  # type: ignore[no-any-return]
+
+
 def save_calibration(gpu_name: str, dtype: str, memory_eff: float, compute_eff: float, source: str, *,
                      layer_s: float | None = None, step_s: float | None = None,
                      peaks_assumed: bool = False, mode: str | None = None) -> Path:  # fmt: skip
@@ -274,7 +298,7 @@ def save_calibration(gpu_name: str, dtype: str, memory_eff: float, compute_eff: 
 def load_calibration(gpu_name: str, dtype: str) -> dict[str, Any] | None:
     """{'memory', 'compute', 'source', 'date'} (and 'layer_s', 'step_s' when measured) for this GPU
     and dtype, or None if never measured."""
-    entry = _read(calibration_path()).get(_key(gpu_name, dtype))
+    entry = _entries(calibration_path()).get(_key(gpu_name, dtype))
     if not isinstance(entry, dict):
         return None
     upper = MAX_ASSUMED_EFFICIENCY if entry.get("peaks") == "assumed" else MAX_EFFICIENCY
