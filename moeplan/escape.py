@@ -13,15 +13,19 @@ format it is printed in. Each renderer calls the function for its format; none p
 from __future__ import annotations
 
 import re
-import unicodedata
 
-_MD_SPECIAL = re.compile(r"([\\`*\[\]<>#!|~])")
+_MD_SPECIAL = r"([\\`*\[\]<>#!|~])"  # compiled on first use (re caches it): fit prints no Markdown
 
 
 def printable(text: object) -> str:
     """`text` with every control or format character (Unicode category C*) written as an escape."""
+    text = str(text)
+    if text.isprintable():  # nothing of category C (nor Z but " "): the common case, at C speed
+        return text
+    import unicodedata
+
     out = []
-    for ch in str(text):
+    for ch in text:
         if ch != " " and unicodedata.category(ch).startswith("C"):
             out.append(ch.encode("unicode_escape").decode("ascii"))
         else:
@@ -32,7 +36,7 @@ def printable(text: object) -> str:
 def md_text(text: object) -> str:
     """Plain text inside Markdown: printable, with Markdown's special characters escaped, and "@" as
     its HTML entity so a name in a pull-request comment cannot mention (notify) a user or team."""
-    return _MD_SPECIAL.sub(r"\\\1", printable(text)).replace("@", "&#64;")
+    return re.sub(_MD_SPECIAL, r"\\\1", printable(text)).replace("@", "&#64;")
 
 
 def md_code(text: object) -> str:

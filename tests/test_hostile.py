@@ -285,6 +285,34 @@ def test_user_text_is_never_markup(tmp_path: Path) -> None:
     assert run.code == 0 and "deploy[prod].yaml" in run.out
 
 
+def test_user_text_is_never_an_emoji_code(tmp_path: Path) -> None:
+    """rich turns ":smile:" into an emoji unless told not to; moeplan's consoles are told not to."""
+    card = tmp_path / "smile.yaml"
+    card.write_text(yaml.safe_dump({**CARD, "name": ":smile: model:thumbs_up:", "aliases": []}))
+    for args in (("fit", str(card), "--gpus", "2x24GB"), ("params", str(card)), ("memory", str(card))):
+        run = moeplan(*args)
+        assert run.code == 0 and ":smile: model:thumbs_up:" in run.out and "\N{THUMBS UP SIGN}" not in run.out, args
+    bad_input(moeplan("fit", ":smile:", "--gpus", "2x24GB"), ":smile:")
+
+
+def test_printable_escapes_exactly_the_control_and_format_characters() -> None:
+    """printable's fast path (str.isprintable) must give what the per-character rule gives."""
+    import unicodedata
+
+    from moeplan.escape import printable
+
+    def slow(text: str) -> str:
+        return "".join(ch.encode("unicode_escape").decode("ascii") if ch != " " and
+                       unicodedata.category(ch).startswith("C") else ch for ch in text)
+
+    samples = [chr(c) for c in range(0, 0x3000)] + ["\u2028", "\u00a0", "\u200b", "\ufeff", "\U0001f600", "\udcff"]
+    for ch in samples:
+        for text in (ch, f"a{ch}b", f"plain {ch}"):
+            assert printable(text) == slow(text), repr(text)
+    assert printable("mixtral-8x7b on 2x24GB") == "mixtral-8x7b on 2x24GB"
+    assert printable("a\nb\x1b[31m") == "a\\nb\\x1b[31m"
+
+
 # ------------------------------------------------------------------------------------------------
 # Errors that are not one line, or no line; signals; streams
 # ------------------------------------------------------------------------------------------------
