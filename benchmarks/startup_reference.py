@@ -7,8 +7,7 @@ what this costs is Python, typer, click and rich, which every typer CLI pays.
 Run: python -m startup_reference fit mixtral-8x7b --gpus 2x24GB   (from benchmarks/, as startup.py does)
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`, as in moeplan's cli.py: typer evaluates string annotations.
 import sys
 
 import typer
@@ -16,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-out = Console(highlight=False, soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+out = Console(highlight=False, soft_wrap=False, emoji=False, width=None if sys.stdout.isatty() else 120)
 
 
 @app.command()
