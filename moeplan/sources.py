@@ -15,21 +15,22 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from moeplan import card_index
 from moeplan.errors import ConfigError, UnknownModelError
+from moeplan.record import Record
 from moeplan.safeio import check_path_text, decode_text, expand_user, load_yaml, loads_json, read_bytes, read_text
 from moeplan.spec import ModelSpec, first_error, spec_from_config
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?\Z", re.ASCII)  # \Z: no trailing newline
 
 
-@dataclass(frozen=True)
-class Card:
+class Card(Record):
+    """One bundled model card (a Record, not a dataclass: @dataclass costs ~0.6 ms of every start-up)."""
+
     name: str
     hub_id: str | None
     aliases: tuple[str, ...]
