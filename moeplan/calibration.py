@@ -22,7 +22,6 @@ File (JSON): {"<gpu name>|<dtype>": {"memory": 0.71, "compute": 0.55, "layer_s":
 from __future__ import annotations
 
 import itertools
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -289,6 +288,8 @@ def save_calibration(gpu_name: str, dtype: str, memory_eff: float, compute_eff: 
     from moeplan.safeio import write_atomic
 
     try:  # a temporary file renamed over: a crash or a full disk never leaves half a file
+        import json  # only when saving: start-up imports no json
+
         write_atomic(path, lambda f: json.dump(data, f, indent=2, sort_keys=True))
     except OSError as exc:
         raise MoeplanError(f"cannot write calibration to {path}: {exc.strerror}; set MOEPLAN_CACHE") from None

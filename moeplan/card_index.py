@@ -1,11 +1,18 @@
-"""The bundled model cards, precompiled: model_cards/index.json.
+"""The bundled model cards, precompiled: model_cards/index.marshal.
 
 Why: `moeplan fit CARD` is a start-up-bound command (issue 17 bounds its whole process at 1.15x a
 bare typer app). Reading a card the long way costs importing PyYAML and parsing the card, then
 building pydantic's validator for ModelSpec and its nested models: ~40 ms of a ~400 ms run on a
 2-core box, spent on the same bytes every time. The index holds, per card file, what that produces
-(the card's data and its validated ModelSpec, dumped to JSON), and a ModelSpec is rebuilt from it
-without validation.
+(the card's data and its validated ModelSpec, dumped to JSON types), and a ModelSpec is rebuilt from
+it without validation.
+
+Why marshal (format version 2, which Python 3 reads and writes alike and which has no back-references,
+so a build is the same bytes every time): a start-up that reads JSON first imports the json package,
+~1.5 ms of `fit`'s, more than the whole read; marshal is built into the interpreter. The file is
+moeplan's own, shipped beside the cards and rebuilt from them; nothing downloaded is ever read as
+marshal. Each card's data and spec are one marshal string of their own, decoded only for the card
+asked for (fresh objects every time, so no caller can change another's).
 
 Why it cannot go stale silently: each entry carries the SHA-256 of its YAML file, and the index the
 SHA-256 of the code that turns a card into a spec (CODE_FILES). An entry is used only when both
@@ -13,12 +20,12 @@ still match the files on disk; otherwise the card is read from its YAML as befor
 or the spec reader without rebuilding costs speed, never correctness. `tests/test_card_index.py`
 fails when the committed index differs from a fresh build, and says to run:
 
-    python -m moeplan.card_index        # rewrites model_cards/index.json
+    python -m moeplan.card_index        # rewrites model_cards/index.marshal
 """
 
 from __future__ import annotations
 
-import json
+import marshal
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -32,8 +39,9 @@ except ImportError:  # pragma: no cover - other Pythons
     except ImportError:
         from hashlib import sha256  # type: ignore[no-redef]
 
-INDEX_FILE = "index.json"
-INDEX_VERSION = 2
+INDEX_FILE = "index.marshal"
+INDEX_VERSION = 3
+MARSHAL_VERSION = 2  # no references between objects (version 3 on): the same index is the same bytes
 # The modules whose code decides what a card's spec is: spec_from_config (spec.py), the card reader
 # (sources.py), the YAML reader (safeio.py), the escaping of names (escape.py), the Record base the spec
 # classes are built on (record.py), and this file's dump format.
@@ -55,6 +63,8 @@ def code_key() -> str:
 
 def build_index(directory: Path) -> dict[str, Any]:
     """The index of every *.yaml card in `directory`: read, validated and dumped as `fit` would."""
+    import json
+
     from moeplan.sources import _card_from_yaml  # the slow path, PyYAML and validation included
 
     entries = {}
@@ -64,28 +74,33 @@ def build_index(directory: Path) -> dict[str, Any]:
         dump = json.loads(json.dumps(spec.model_dump(mode="json", exclude_defaults=True)))
         if spec.vision is not None:  # the discriminator is a default, so exclude_defaults drops it
             dump["vision"]["kind"] = spec.vision.kind
-        # Only what survives JSON exactly is indexed: a card whose data or spec would come back
-        # different (a YAML date, an integer key) is read from its YAML every time instead.
-        if json.loads(json.dumps(card.data)) != card.data or spec_from_dump(dump) != spec:
+        # Only what comes back exactly is indexed: a card whose data or spec would come back different
+        # (a YAML date, which marshal cannot hold) is read from its YAML every time instead.
+        try:
+            payload = marshal.dumps({"data": card.data, "spec": dump}, MARSHAL_VERSION)
+        except ValueError:
             continue
-        # The card's data and spec as one JSON string: loading the index then scans 34 strings instead
-        # of building every card's dicts (~2 ms of a start-up), and only the card asked for is decoded.
+        if marshal.loads(payload) != {"data": card.data, "spec": dump} or spec_from_dump(dump) != spec:
+            continue
         entries[path.name] = {"sha256": _sha256(path.read_bytes()), "name": card.name, "hub_id": card.hub_id,
-                              "aliases": list(card.aliases),
-                              "payload": json.dumps({"data": card.data, "spec": dump}, separators=(",", ":"))}
+                              "aliases": list(card.aliases), "payload": payload}
     return {"version": INDEX_VERSION, "code_sha256": code_key(), "cards": entries}
+
+
+def dump_index(index: dict[str, Any]) -> bytes:
+    return marshal.dumps(index, MARSHAL_VERSION)
 
 
 @lru_cache(maxsize=4)
 def load_index(directory: Path) -> dict[str, Any] | None:
     """The index beside the cards when it was built by this code, else None (read cards from YAML)."""
     try:
-        index = json.loads((directory / INDEX_FILE).read_bytes())
+        index = marshal.loads((directory / INDEX_FILE).read_bytes())
         if index.get("version") != INDEX_VERSION or index.get("code_sha256") != code_key():
             return None
         return index if isinstance(index.get("cards"), dict) else None
-    except (OSError, ValueError, AttributeError):  # absent, unreadable or not ours: the slow path is correct
-        return None
+    except (OSError, ValueError, EOFError, TypeError, AttributeError):  # absent, unreadable or not ours:
+        return None  # the slow path is correct
 
 
 def fresh_entry(directory: Path, path: Path, raw: bytes) -> dict[str, Any] | None:
@@ -97,9 +112,9 @@ def fresh_entry(directory: Path, path: Path, raw: bytes) -> dict[str, Any] | Non
     if not isinstance(entry, dict) or entry.get("sha256") != _sha256(raw):
         return None
     try:
-        payload = json.loads(entry["payload"])
+        payload = marshal.loads(entry["payload"])
         return {**entry, "data": payload["data"], "spec": payload["spec"]}
-    except (KeyError, TypeError, ValueError):  # not ours: the slow path is correct
+    except (KeyError, TypeError, ValueError, EOFError):  # not ours: the slow path is correct
         return None
 
 
@@ -137,8 +152,7 @@ def main() -> int:
 
     directory = cards_dir()
     index = build_index(directory)
-    text = json.dumps(index, indent=1, sort_keys=True, ensure_ascii=False) + "\n"
-    (directory / INDEX_FILE).write_text(text, encoding="utf-8")
+    (directory / INDEX_FILE).write_bytes(dump_index(index))
     sys.stdout.write(f"wrote {directory / INDEX_FILE}: {len(index['cards'])} cards\n")
     return 0
 

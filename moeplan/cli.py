@@ -7,7 +7,6 @@ Exit codes everywhere: 0 success / fits / passes, 1 does not fit or misses a tar
 # command parameter's annotation, and string annotations cost it an eval each (~1.5 ms of fit's start-up).
 
 import contextlib
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -250,6 +249,8 @@ def _finite(data: Any) -> Any:
 
 
 def _print_json(data: Any, *, versioned: bool = True) -> None:
+    import json  # only for --json: importing it is ~1.5 ms of every start-up
+
     text = json.dumps(_finite(_versioned(data) if versioned else data), indent=2, allow_nan=False) + "\n"
     try:
         sys.stdout.write(text)

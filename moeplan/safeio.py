@@ -13,7 +13,6 @@ is atomic on POSIX and Windows), so a full disk or an interrupt never leaves a h
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import tempfile
@@ -119,6 +118,8 @@ def decode_text(data: bytes, label: str) -> str:
 
 def loads_json(text: str, label: str) -> Any:
     """json.loads with nesting and number checks: one ReadError line for any of them."""
+    import json  # here, not at start-up: `fit CARD` reads no JSON (~1.5 ms to import)
+
     depth = _bracket_depth(text)
     if depth > MAX_DEPTH:
         raise ReadError(f"{label}: JSON nested {depth} levels deep; moeplan reads at most {MAX_DEPTH}")

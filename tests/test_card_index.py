@@ -1,9 +1,9 @@
-"""model_cards/index.json, the precompiled bundled cards (moeplan.card_index): current, exact, and
+"""model_cards/index.marshal, the precompiled bundled cards (moeplan.card_index): current, exact, and
 never used when it no longer matches the card file or the code."""
 
 from __future__ import annotations
 
-import json
+import marshal
 import shutil
 from pathlib import Path
 
@@ -15,8 +15,10 @@ CARDS = sources.cards_dir()
 
 
 def test_the_committed_index_is_a_fresh_build() -> None:
-    committed = json.loads((CARDS / card_index.INDEX_FILE).read_text(encoding="utf-8"))
-    assert committed == card_index.build_index(CARDS), "model_cards/index.json is stale: run python -m moeplan.card_index"
+    committed = (CARDS / card_index.INDEX_FILE).read_bytes()
+    fresh = card_index.build_index(CARDS)
+    assert marshal.loads(committed) == fresh, "model_cards/index.marshal is stale: run python -m moeplan.card_index"
+    assert committed == card_index.dump_index(fresh)  # the same index is the same bytes (no noise in git)
 
 
 def test_every_bundled_card_is_indexed() -> None:
@@ -55,24 +57,29 @@ def test_an_edited_card_is_read_from_its_yaml(tmp_path: Path) -> None:
 
 def test_an_index_from_other_code_is_not_used(tmp_path: Path) -> None:
     folder = _copy_cards(tmp_path)
-    index = json.loads((folder / card_index.INDEX_FILE).read_text(encoding="utf-8"))
+    index = marshal.loads((folder / card_index.INDEX_FILE).read_bytes())
     index["code_sha256"] = "0" * 64
-    (folder / card_index.INDEX_FILE).write_text(json.dumps(index), encoding="utf-8")
+    (folder / card_index.INDEX_FILE).write_bytes(card_index.dump_index(index))
     card_index.load_index.cache_clear()
     try:
         assert card_index.load_index(folder) is None
-        (folder / card_index.INDEX_FILE).write_text("{not json", encoding="utf-8")
-        card_index.load_index.cache_clear()
-        assert card_index.load_index(folder) is None
+        for junk in (b"{not marshal", b"", marshal.dumps([1, 2]), marshal.dumps({"version": "x"})):
+            (folder / card_index.INDEX_FILE).write_bytes(junk)
+            card_index.load_index.cache_clear()
+            assert card_index.load_index(folder) is None, junk
+        card = sources._card_at.__wrapped__(folder / "mixtral-8x7b.yaml")  # read from its YAML instead
+        assert card.spec_dump is None and card.spec().num_experts == 8
     finally:
         card_index.load_index.cache_clear()
 
 
-def test_fit_of_a_card_imports_no_yaml() -> None:
+def test_fit_of_a_card_imports_no_yaml_and_no_json() -> None:
+    """Start-up (issue 17): a bundled card comes from the index, so neither PyYAML nor json is imported."""
     import subprocess
     import sys
 
     code = ("import sys; from moeplan.cli import main; sys.argv = ['moeplan', 'fit', 'mixtral-8x7b', '--gpus', "
-            "'2x24GB']\ntry:\n    main()\nexcept SystemExit:\n    pass\nsys.stderr.write(str('yaml' in sys.modules))")
+            "'2x24GB']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
+            "sys.stderr.write(str([m for m in ('yaml', 'json') if m in sys.modules]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.stderr.strip().endswith("False"), proc.stderr
+    assert proc.stderr.strip().endswith("[]"), proc.stderr
