@@ -8,6 +8,7 @@ Exit codes everywhere: 0 success / fits / passes, 1 does not fit or misses a tar
 
 import contextlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -310,8 +311,7 @@ def params(model: str = ModelArg, as_json: bool = JsonOpt, from_hub: bool = From
         return
     out.print(responsive(params_table(count), drop=("total (exact)",)))
     out.print(params_notes(count))
-    for note in spec.notes:
-        out.print(f"[dim]- {escape(printable(note))}[/dim]")
+    _print_notes(spec.notes)
     if stored is not None:
         from moeplan.report import checkpoint_lines
 
@@ -374,8 +374,7 @@ def memory(
         _print_json(rep.model_dump())
         return
     out.print(responsive(memory_table(rep)))
-    for note in rep.notes:
-        out.print(f"[dim]- {escape(printable(note))}[/dim]")
+    _print_notes(rep.notes)
 
 
 GpusOpt = typer.Option(..., "--gpus", "-g", help="e.g. 2x24GB, 8xH100, 2xRTX4090, 1xA100-80GB,1xRTX4090")
@@ -544,7 +543,7 @@ def fit_cmd(
     raise typer.Exit(EXIT_OK if res.fits else EXIT_MISS)  # true or "offload": it runs
 
 
-def _print_notes(notes: list[str]) -> None:
+def _print_notes(notes: Sequence[str]) -> None:
     """Each note on its own dim "- " line (user text escaped, never markup); one print for all of them,
     since every print is a render and a write of its own."""
     if notes:
@@ -640,8 +639,7 @@ def perf(
         out.print(responsive(sweep_table(rep), drop=("dense TPOT ms", "GB read/step", "bound", "tok/s/seq",
                                                       "distinct experts/layer")))
         out.print(sweep_chart(rep, out.width))
-    for note in rep.notes:
-        out.print(f"[dim]- {escape(printable(note))}[/dim]")
+    _print_notes(rep.notes)
 
 
 @app.command(name="compare")
@@ -812,8 +810,7 @@ def bench(
 
         for part in bench_renderables(result):
             out.print(part)
-        for note in result.notes:
-            out.print(f"[dim]- {escape(printable(note))}[/dim]")
+        _print_notes(result.notes)
         if saved is not None:
             out.print(f"[dim]calibration saved to {escape(str(saved))}: perf, fit, check and bench read it for "
                       f"{escape(result.gpu)} ({result.dtype})[/dim]")
