@@ -533,7 +533,7 @@ def fit_cmd(
         if res.plans:
             out.print(responsive(plans_table(res), drop=("at max batch", "engine", "TTFT ms", "tok/s total", "max batch")))
         if res.best is not None:
-            out.print(memory_bars(res.best, out.width))
+            out.print(responsive(memory_bars(res.best, out.width)))
         _print_notes(res.notes)
         if command:
             out.print(f"\n[b]launch ({emit}):[/b]")

@@ -110,8 +110,8 @@ def _layout(console: Console, options: ConsoleOptions, table: Table, parse: Call
     fixed or ratio widths, column styles, cells that are not plain strings or unstyled Texts, a
     newline or tab in a cell."""
     columns = table.columns
-    if (len(table.rows) < 2 or table.show_lines or table.leading or table.show_footer or table.row_styles
-            or table.expand or table.width is not None or table.min_width is not None or not table.box
+    if (not table.rows or table.show_lines or table.leading or table.show_footer or table.row_styles
+            or table.expand or table.width is not None or table.min_width is not None
             or table.collapse_padding or table.padding[0] or table.padding[2] or table.caption
             or table.style not in (None, "", "none")
             or any(row.style or row.end_section for row in table.rows)
@@ -189,8 +189,9 @@ def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout
     last = len(columns) - 1
     if any(col.justify not in ("left", "right", "center", "default") for col in columns):
         return None
-    box = table.box.substitute(options, safe=table.safe_box if table.safe_box is not None else console.safe_box)
-    if not table.show_header:
+    box = table.box and table.box.substitute(options, safe=table.safe_box if table.safe_box is not None
+                                             else console.safe_box)
+    if box and not table.show_header:
         box = box.get_plain_headed_box()
     widths = layout.widths
     table_width = sum(widths) + table._extra_width
@@ -231,8 +232,8 @@ def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout
             lines = [plain + " " * (inner - cell_len(plain))]
         return [" " * left + line + " " * right for line in lines]
 
-    edge = table.show_edge
-    if edge:
+    edge = table.show_edge and bool(box)
+    if box and edge:
         out.append([Segment(box.get_top(widths))])
     rows = [[cell_lines(j, texts[0], -1) for j, texts in enumerate(layout.cells)]] if table.show_header else []
     rows += [[cell_lines(j, texts[i + 1], i) for j, texts in enumerate(layout.cells)] for i in range(len(table.rows))]
@@ -244,7 +245,9 @@ def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout
             row = [[blank[j]] * (height - len(c)) + c for j, c in enumerate(row)]
         else:
             row = [c + [blank[j]] * (height - len(c)) for j, c in enumerate(row)]
-        if index == 0:
+        if not box:  # no borders at all: the cells side by side
+            left = right = divider = ""
+        elif index == 0:
             left, right, divider = box.head_left, box.head_right, box.head_vertical
         elif index == len(rows) - 1:
             left, right, divider = box.foot_left, box.foot_right, box.foot_vertical
@@ -253,9 +256,9 @@ def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout
         for n in range(height):
             body = divider.join(c[n] for c in row)
             out.append([Segment(left + body + right if edge else body)])
-        if header:
+        if header and box:
             out.append([Segment(box.get_row(widths, "head", edge=edge))])
-    if edge:
+    if box and edge:
         out.append([Segment(box.get_bottom(widths))])
     return out
 
