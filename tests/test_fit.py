@@ -155,3 +155,69 @@ def test_fit_speed_over_several_nodes_matches_perf():
     one_node = fit(resolve("deepseek-v3"), parse_gpus("8xH100", 4)[0], nodes=4, quant="fp8", batch=512, context=2048,
                    rank=rank_plan).best  # fmt: skip
     assert one_node.speed.tpot_s < fitted["speed"]["tpot_s"]  # as if all 32 GPUs shared NVLink
+
+
+def _bisect(lo, hi, ok):
+    """The search fit used before its secant search: plain bisection for the largest ok x."""
+    if hi < lo or not ok(lo):
+        return 0
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def test_the_secant_search_finds_what_bisection_finds_in_fewer_probes():
+    import random
+
+    from moeplan.plan import _max_search
+
+    rnd = random.Random(5)
+    probes = []
+    for _ in range(3000):
+        hi = rnd.choice([1, 2, 3, 100, 32768, 65536, 10**6])
+        a, c = rnd.uniform(-1e9, 5e10), rnd.choice([0.0, rnd.uniform(1e3, 1e7)])
+        knee, jump = rnd.randint(1, hi), rnd.choice([0.0, 1e8, 1e12])
+        flat = rnd.randint(1, hi)
+
+        def spare(x, a=a, c=c, knee=knee, jump=jump, flat=flat):  # non-increasing: a line, a step, a plateau
+            probes[-1] += 1
+            return a - c * min(x, flat) - (jump if x > knee else 0.0)
+
+        probes.append(0)
+        got = _max_search(1, hi, spare)
+        secant_probes = probes.pop()
+        probes.append(0)  # the bisection's own calls are counted apart and dropped
+        assert got == _bisect(1, hi, lambda x: spare(x) >= 0), (hi, a, c, knee, jump, flat)
+        probes[-1] = secant_probes
+    assert sum(probes) / len(probes) < 8  # bisection needs ~17 probes for 65,536
+
+
+@pytest.mark.parametrize("gpus", ["2x24GB", "8xH100", "1xRTX4090,1xRTX3090"])
+def test_largest_context_and_batch_are_bisections_answers_on_every_card(gpus):
+    """Every bundled card's plans: fit's max_context and max_batch equal plain bisection over the same
+    memory check (kv and activations grow with context and batch, with steps at windows and chunks)."""
+    from moeplan import plan as P
+    from moeplan.layout import Scenario
+    from moeplan.sources import bundled_cards
+
+    gpu_list, _ = parse_gpus(gpus, 1)
+    for card in bundled_cards():
+        spec = card.spec()
+        res = P.fit(spec, gpu_list, context=8192, batch=4)
+        sc = Scenario(context=8192, batch=4, kv_dtype="bf16", mem_fraction=0.90)
+        for plan in res.plans:
+            if not plan.fits or plan.offload is not None:
+                continue
+            scheme = P.get_scheme(plan.quant).for_model(spec)
+            if scheme.gguf:
+                sc_q = sc.model_copy(update={"chunk_tokens": P.LLAMACPP_UBATCH, "cuda_graphs": False})
+            else:
+                sc_q = sc
+            layout = P.layout_of(plan)
+            spare = P._rows_slack(spec, layout, P.gpu_rows(spec, scheme, layout, gpu_list, sc_q), sc_q)
+            assert plan.max_context == _bisect(1, P.context_limit(spec), lambda c: spare(c, 4) >= 0), (card.name, plan.layout)
+            assert plan.max_batch == _bisect(1, 65536, lambda b: spare(8192, b) >= 0), (card.name, plan.layout)
