@@ -67,7 +67,7 @@ def _coerce_none_without_an_adapter() -> None:
 
 
 _coerce_none_without_an_adapter()
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 
 from moeplan.escape import printable
@@ -528,13 +528,15 @@ def fit_cmd(
     if as_json:
         _print_json({**res.model_dump(), "command": command})  # null unless --emit
     else:
-        out.print(fit_verdict(res))
-        out.print(responsive(verdict_table(res)))
+        parts: list[Any] = [fit_verdict(res), responsive(verdict_table(res))]
         if res.plans:
-            out.print(responsive(plans_table(res), drop=("at max batch", "engine", "TTFT ms", "tok/s total", "max batch")))
+            parts.append(responsive(plans_table(res), drop=("at max batch", "engine", "TTFT ms", "tok/s total",
+                                                           "max batch")))
         if res.best is not None:
-            out.print(responsive(memory_bars(res.best, out.width)))
-        _print_notes(res.notes)
+            parts.append(responsive(memory_bars(res.best, out.width)))
+        if res.notes:
+            parts.append(_notes_markup(res.notes))
+        out.print(Group(*parts))  # one print: each print is a render and a write of its own
         if command:
             out.print(f"\n[b]launch ({emit}):[/b]")
             out.print(command, markup=False, highlight=False, soft_wrap=True)
@@ -543,11 +545,15 @@ def fit_cmd(
     raise typer.Exit(EXIT_OK if res.fits else EXIT_MISS)  # true or "offload": it runs
 
 
+def _notes_markup(notes: Sequence[str]) -> str:
+    """Each note on its own dim "- " line, user text escaped (never markup)."""
+    return "\n".join(f"[dim]- {escape(printable(note))}[/dim]" for note in notes)
+
+
 def _print_notes(notes: Sequence[str]) -> None:
-    """Each note on its own dim "- " line (user text escaped, never markup); one print for all of them,
-    since every print is a render and a write of its own."""
+    """The notes in one print (each print is a render and a write of its own)."""
     if notes:
-        out.print("\n".join(f"[dim]- {escape(printable(note))}[/dim]" for note in notes))
+        out.print(_notes_markup(notes))
 
 
 def _emit(engine: str, spec: Any, res: Any, gpus: Any, rank: Any) -> str | None:
