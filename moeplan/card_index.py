@@ -42,10 +42,10 @@ except ImportError:  # pragma: no cover - other Pythons
 INDEX_FILE = "index.marshal"
 INDEX_VERSION = 3
 MARSHAL_VERSION = 2  # no references between objects (version 3 on): the same index is the same bytes
-# The modules whose code decides what a card's spec is: spec_from_config (spec.py), the card reader
-# (sources.py), the YAML reader (safeio.py), the escaping of names (escape.py), the Record base the spec
-# classes are built on (record.py), and this file's dump format.
-CODE_FILES = ("spec.py", "sources.py", "safeio.py", "escape.py", "record.py", "card_index.py")
+# The modules whose code decides what a card's spec is: the spec classes (spec.py), spec_from_config
+# (hf_config.py), the card reader (sources.py), the YAML reader (safeio.py), the escaping of names
+# (escape.py), the Record base the spec classes are built on (record.py), and this file's dump format.
+CODE_FILES = ("spec.py", "hf_config.py", "sources.py", "safeio.py", "escape.py", "record.py", "card_index.py")
 _HERE = Path(__file__).resolve().parent
 
 

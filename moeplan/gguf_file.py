@@ -16,7 +16,7 @@ a hostile array length (past the end its reads come back empty and the offset st
 module walks the header itself, in bounded chunks, checking every length against the file size and
 every count against a cap before trusting it; it never reads a tensor's data.
 
-The metadata becomes a Hugging Face style config for spec.spec_from_config (llama incl. Mixtral,
+The metadata becomes a Hugging Face style config for hf_config.spec_from_config (llama incl. Mixtral,
 qwen2moe, qwen3moe, deepseek2, gpt-oss); the tensor infos become a StoredCheckpoint (what the file
 stores, by ggml type) and, in quantization_config, the file's bytes per moeplan component, which
 `file_scheme` turns into a QuantScheme whose weights are the file's own bytes.
@@ -527,7 +527,7 @@ def _shape(tensors: dict[str, TensorInfo], name: str, dim: int) -> int | None:
 
 
 def config_from_header(header: GGUFHeader) -> dict[str, Any]:
-    """The header's metadata as config.json keys (transformers names), for spec.spec_from_config."""
+    """The header's metadata as config.json keys (transformers names), for hf_config.spec_from_config."""
     meta = _Meta(header)
     if meta.arch not in ARCHITECTURES:
         raise GGUFError(f"{meta.label}: GGUF architecture {meta.arch!r} is not one moeplan reads from GGUF "
@@ -695,7 +695,7 @@ def file_type_of(header: GGUFHeader) -> tuple[str, str]:
 def spec_from_gguf(path: Path) -> ModelSpec:
     """A GGUF file (or the first part of a split one) -> ModelSpec, with `checkpoint` (what the file
     stores) and quantization_config (its bytes per component) filled from the tensor infos."""
-    from moeplan.spec import first_error, spec_from_config
+    from moeplan.hf_config import first_error, spec_from_config
 
     path = Path(path)
     try:

@@ -65,7 +65,8 @@ try:  # huggingface_hub reads HF_ENDPOINT and friends as it is imported
 except ValueError as exc:  # HF_ENDPOINT='http://[::1': a URL Python cannot parse
     raise HubError(f"huggingface_hub cannot start with this environment ({exc}): check HF_ENDPOINT and HF_HOME") from None
 from moeplan.params import count_params, fmt_billions
-from moeplan.spec import ModelSpec, StoredCheckpoint, spec_from_config
+from moeplan.hf_config import spec_from_config
+from moeplan.spec import ModelSpec, StoredCheckpoint
 
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"  # transformers' SAFE_WEIGHTS_NAME, tried before the index

@@ -11,7 +11,7 @@ Each term says how tensor parallelism splits it (by `heads`; one head means ever
 all) and how many rows a decode step reads (`read_rows`: a sparse top-k reads fewer than it keeps).
 
 Adding an attention kind means adding its terms to `layer_terms` and its score FLOPs to
-`attention_flops`, and reading it in spec.py; nothing else sums tokens.
+`attention_flops`, its fields in spec.py and reading it in hf_config.py; nothing else sums tokens.
 """
 
 from __future__ import annotations

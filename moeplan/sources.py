@@ -6,7 +6,7 @@ Card format (model_cards/*.yaml), documented in README:
     aliases: [...]                  # more short names and Hub ids that share the architecture
     source: where the numbers came from
     published: {total_params, active_params, convention, source}   # optional, for checking
-    config: {...}                   # the model's config.json keys, read by spec.spec_from_config
+    config: {...}                   # the model's config.json keys, read by hf_config.spec_from_config
   or, instead of config:
     spec: {...}                     # ModelSpec fields directly, for models without a config.json
 """
@@ -23,7 +23,7 @@ from moeplan import card_index
 from moeplan.errors import ConfigError, UnknownModelError
 from moeplan.record import Record
 from moeplan.safeio import check_path_text, decode_text, expand_user, load_yaml, loads_json, read_bytes, read_text
-from moeplan.spec import ModelSpec, first_error, spec_from_config
+from moeplan.spec import ModelSpec
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+(@[\w.\-/]+)?\Z", re.ASCII)  # \Z: no trailing newline
 
@@ -129,6 +129,8 @@ def spec_from_card_data(data: Any, *, label: str) -> ModelSpec:
         raise ConfigError(f"{label}: hub_id must be a Hub repo id such as mistralai/Mixtral-8x7B-v0.1, got "
                           f"{str(hub_id)[:60]!r}; fix the card")
     source = data.get("source")
+    from moeplan.hf_config import first_error, spec_from_config  # the config reader: only off the index path
+
     if isinstance(data.get("config"), dict):
         return spec_from_config(data["config"], name=name, hub_id=hub_id, source=source)
     if isinstance(data.get("spec"), dict):
@@ -150,6 +152,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
 
 
 def spec_from_path(path: Path) -> ModelSpec:
+    from moeplan.hf_config import spec_from_config
     if path.suffix.lower() == ".gguf":
         from moeplan.gguf_file import spec_from_gguf  # imports gguf and numpy only on this path
 

@@ -73,13 +73,23 @@ def test_an_index_from_other_code_is_not_used(tmp_path: Path) -> None:
         card_index.load_index.cache_clear()
 
 
-def test_fit_of_a_card_imports_no_yaml_and_no_json() -> None:
-    """Start-up (issue 17): a bundled card comes from the index, so neither PyYAML nor json is imported."""
+def test_fit_of_a_card_imports_no_yaml_no_json_and_no_config_reader() -> None:
+    """Start-up (issue 17): a bundled card comes from the index, so neither PyYAML, json nor the HF
+    config reader (moeplan.hf_config) is imported."""
     import subprocess
     import sys
 
     code = ("import sys; from moeplan.cli import main; sys.argv = ['moeplan', 'fit', 'mixtral-8x7b', '--gpus', "
             "'2x24GB']\ntry:\n    main()\nexcept SystemExit:\n    pass\n"
-            "sys.stderr.write(str([m for m in ('yaml', 'json') if m in sys.modules]))")
+            "sys.stderr.write(str([m for m in ('yaml', 'json', 'moeplan.hf_config') if m in sys.modules]))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stderr.strip().endswith("[]"), proc.stderr
+
+
+def test_the_spec_module_still_offers_the_config_reader() -> None:
+    from moeplan import hf_config, spec
+
+    assert spec.spec_from_config is hf_config.spec_from_config and spec.first_error is hf_config.first_error
+    assert spec.SUPPORTED_MODEL_TYPES is hf_config.SUPPORTED_MODEL_TYPES
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        spec.not_a_name  # noqa: B018
