@@ -275,19 +275,19 @@ def get_scheme(text: str) -> QuantScheme:
     if "=" in key:
         return _mixed(key, text)
     key = ALIASES.get(key, key)
+    scheme = builtin_schemes().get(key)
+    if scheme is not None:  # no built-in name is a group-size name (int4-g64), so this comes first
+        return scheme
     group = re.fullmatch(r"(int4|gptq|awq)[-_:]?g(\d+)", key)
     if group:
         size = int(group.group(2))
         if size not in (32, 64, 128, 256, 512, 1024):
             raise QuantError(f"group size {size} in '{text}' is not one of 32, 64, 128, 256, 512, 1024")
         return int4_group(key, size, "awq" if group.group(1) == "awq" else "gptq")
-    scheme = builtin_schemes().get(key)
-    if scheme is None:
-        raise QuantError(
-            f"unknown quantization '{text}'; choose one of {', '.join(known_names())}, int4-g64, "
-            "or a mix like experts=int4,rest=bf16"
-        )
-    return scheme
+    raise QuantError(
+        f"unknown quantization '{text}'; choose one of {', '.join(known_names())}, int4-g64, "
+        "or a mix like experts=int4,rest=bf16"
+    )
 
 
 def _mixed(key: str, text: str) -> QuantScheme:

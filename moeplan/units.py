@@ -12,8 +12,9 @@ import re
 
 from moeplan.errors import MoeplanError
 
-_TOKENS = re.compile(r"(\d+(?:\.\d+)?)\s*([km]?)", re.IGNORECASE)
-_BYTES = re.compile(r"(\d+(?:\.\d+)?)\s*(gb|gib|g|tb|tib|t|mb|mib|m)?", re.IGNORECASE)
+# Compiled on first use (re keeps them): a plain `fit` parses only --context's default, an int.
+_TOKENS = r"(?i)(\d+(?:\.\d+)?)\s*([km]?)"
+_BYTES = r"(?i)(\d+(?:\.\d+)?)\s*(gb|gib|g|tb|tib|t|mb|mib|m)?"
 _TOKEN_UNIT = {"": 1, "k": 1024, "m": 1024**2}
 _BYTE_UNIT = {"gb": 1e9, "g": 1e9, "gib": 2**30, "tb": 1e12, "t": 1e12, "tib": 2**40, "mb": 1e6, "m": 1e6,
               "mib": 2**20}
@@ -23,7 +24,9 @@ MAX_BYTES = 10**16  # 10 PB of host memory: no machine has it
 
 def parse_tokens(text: str, flag: str = "--context") -> int:
     """'32768', '32k' (32,768), '1m' (1,048,576) -> tokens."""
-    m = _TOKENS.fullmatch(str(text).strip())
+    if type(text) is int and 0 <= text <= MAX_TOKENS_TEXT:  # a default (typer passes 4096 itself)
+        return text
+    m = re.fullmatch(_TOKENS, str(text).strip())
     if not m or len(m.group(1)) > 15:
         raise MoeplanError(f"{flag} {text!r} is not a token count; write e.g. 4096, 32k (32,768) or 1m")
     value = float(m.group(1)) * _TOKEN_UNIT[m.group(2).lower()]
@@ -36,7 +39,7 @@ def parse_tokens(text: str, flag: str = "--context") -> int:
 
 def parse_bytes(text: str, flag: str = "--cpu-mem") -> int:
     """'768GB', '128G' (10^9 bytes each), '512GiB', '2TB' -> bytes; a bare number is GB."""
-    m = _BYTES.fullmatch(str(text).strip())
+    m = re.fullmatch(_BYTES, str(text).strip())
     if not m or len(m.group(1)) > 15:
         raise MoeplanError(f"{flag} {text!r} is not a size; write e.g. 768GB, 128G (GB = 1e9 bytes) or 512GiB")
     value = float(m.group(1)) * _BYTE_UNIT[(m.group(2) or "gb").lower()]
