@@ -30,6 +30,16 @@ def _kinds(name: str) -> tuple[type[BaseException], ...]:
 
 
 _NO_ARGS, _USAGE, _EXIT, _ABORT = (_kinds(n) for n in ("NoArgsIsHelpError", "UsageError", "Exit", "Abort"))
+from rich.console import Console, Group
+from rich.markup import escape
+
+from moeplan.escape import printable
+from typer.core import TyperGroup
+
+from moeplan.errors import MoeplanError
+from moeplan.tables import responsive
+
+EXIT_OK, EXIT_MISS, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class _GivesNone:
@@ -41,8 +51,8 @@ class _GivesNone:
 
 
 def _coerce_none_without_an_adapter() -> None:
-    """typer (0.2x) builds a pydantic TypeAdapter for an option before coercing its value, ~0.2 ms
-    each, even when the value is None (an option not given, as 16 of `fit`'s are in a plain run),
+    """typer (0.2x) builds a pydantic TypeAdapter for an option before coercing its value, ~0.15 ms
+    each, even when the value is None (an option not given, as 20 of `fit`'s 28 are in a plain run),
     which its coercion then returns untouched without using the adapter. This lets such an option take
     typer's own process_value (required check, callbacks) with None passed straight through; any other
     value, and a typer without these internals, goes the usual way. tests/test_cli_conventions.py checks
@@ -67,16 +77,6 @@ def _coerce_none_without_an_adapter() -> None:
 
 
 _coerce_none_without_an_adapter()
-from rich.console import Console, Group
-from rich.markup import escape
-
-from moeplan.escape import printable
-from typer.core import TyperGroup
-
-from moeplan.errors import MoeplanError
-from moeplan.tables import responsive
-
-EXIT_OK, EXIT_MISS, EXIT_BAD_INPUT = 0, 1, 2
 
 
 class _Boundary(TyperGroup):

@@ -106,13 +106,13 @@ def _layout(console: Console, options: ConsoleOptions, table: Table, parse: Call
     start-up bound counts); the two fast paths below draw from this instead.
 
     Only for the plain tables moeplan draws; None (render `table` itself) for anything with a
-    feature this does not reproduce: row styles or separators, footers, captions, vertical padding,
-    fixed or ratio widths, column styles, cells that are not plain strings or unstyled Texts, a
-    newline or tab in a cell."""
+    feature this does not reproduce: row styles or separators, footers, captions, vertical or collapsed
+    padding or none at the edges, fixed or ratio widths, column styles, cells that are not plain
+    strings or unstyled Texts, a newline or tab in a cell."""
     columns = table.columns
     if (not table.rows or table.show_lines or table.leading or table.show_footer or table.row_styles
             or table.expand or table.width is not None or table.min_width is not None
-            or table.collapse_padding or table.padding[0] or table.padding[2] or table.caption
+            or table.collapse_padding or not table.pad_edge or table.padding[0] or table.padding[2] or table.caption
             or table.style not in (None, "", "none")
             or any(row.style or row.end_section for row in table.rows)
             or any(col.width is not None or col.min_width is not None or col.max_width is not None or col.ratio
@@ -186,7 +186,6 @@ def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout
     from rich.style import Style
 
     columns = table.columns
-    last = len(columns) - 1
     if any(col.justify not in ("left", "right", "center", "default") for col in columns):
         return None
     box = table.box and table.box.substitute(options, safe=table.safe_box if table.safe_box is not None
@@ -204,17 +203,11 @@ def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout
                                        justify=table.title_justify)
         out += console.render_lines(text, title_options, pad=False, new_lines=False)
 
-    def side(j: int) -> tuple[int, int]:
-        left, right = table.padding[3], table.padding[1]
-        if not table.pad_edge:
-            left, right = (0 if j == 0 else left), (0 if j == last else right)
-        return left, right
-
-    sides = [side(j) for j in range(len(columns))]
+    pad_left, pad_right = table.padding[3], table.padding[1]  # every column's (_layout: pad_edge, no collapsing)
 
     def cell_lines(j: int, text: Text, row: int) -> list[str]:
-        col, (left, right) = columns[j], sides[j]
-        inner = widths[j] - left - right
+        col = columns[j]
+        inner = widths[j] - pad_left - pad_right
         plain = text.plain
         if cell_len(plain) > inner:
             wrapped = layout.wrapped.get((j, row)) or [
@@ -230,7 +223,7 @@ def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout
             lines = [" " * (gap // 2) + plain + " " * (gap - gap // 2)]
         else:
             lines = [plain + " " * (inner - cell_len(plain))]
-        return [" " * left + line + " " * right for line in lines]
+        return [" " * pad_left + line + " " * pad_right for line in lines]
 
     edge = table.show_edge and bool(box)
     if box and edge:
