@@ -236,7 +236,7 @@ def parse_gpus(text: str, nodes: int = 1) -> tuple[tuple[Gpu, ...], int]:
     if nodes < 1 or nodes > 4096:
         raise GpuSpecError(f"--nodes must be between 1 and 4096, got {nodes}")
     raw = text.strip()
-    nested = re.match(r"^(\d+)\s*[x*×]\s*\((.+)\)$", raw, re.IGNORECASE)
+    nested = re.match(r"^(\d+)\s*[x*×]\s*\((.+)\)$", raw, re.IGNORECASE) if "(" in raw else None
     if nested:
         nodes *= int(nested.group(1))
         raw = nested.group(2)
