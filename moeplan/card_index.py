@@ -14,9 +14,9 @@ moeplan's own, shipped beside the cards and rebuilt from them; nothing downloade
 marshal. Each card's data and spec are one marshal string of their own, decoded only for the card
 asked for (fresh objects every time, so no caller can change another's).
 
-Why it cannot go stale silently: each entry carries the SHA-256 of its YAML file, and the index the
-SHA-256 of the code that turns a card into a spec (CODE_FILES). An entry is used only when both
-still match the files on disk; otherwise the card is read from its YAML as before. So editing a card
+Why it cannot go stale silently: each entry carries a checksum of its YAML file, and the index one of
+the code that turns a card into a spec (CODE_FILES). An entry is used only when both still match the
+files on disk; otherwise the card is read from its YAML as before. So editing a card
 or the spec reader without rebuilding costs speed, never correctness. `tests/test_card_index.py`
 fails when the committed index differs from a fresh build, and says to run:
 
@@ -27,20 +27,13 @@ from __future__ import annotations
 
 import marshal
 import sys
+import zlib
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-try:  # CPython's own SHA-256: hashlib would first load OpenSSL, ~3 ms of every start-up
-    from _sha256 import sha256  # Python 3.11
-except ImportError:  # pragma: no cover - other Pythons
-    try:
-        from _sha2 import sha256  # type: ignore[no-redef]  # Python 3.12+
-    except ImportError:
-        from hashlib import sha256  # type: ignore[no-redef]
-
 INDEX_FILE = "index.marshal"
-INDEX_VERSION = 3
+INDEX_VERSION = 4
 MARSHAL_VERSION = 2  # no references between objects (version 3 on): the same index is the same bytes
 # The modules whose code decides what a card's spec is: the spec classes (spec.py), spec_from_config
 # (hf_config.py), the card reader (sources.py), the YAML reader (safeio.py), the escaping of names
@@ -49,16 +42,18 @@ CODE_FILES = ("spec.py", "hf_config.py", "sources.py", "safeio.py", "escape.py",
 _HERE = Path(__file__).resolve().parent
 
 
-def _sha256(data: bytes) -> str:
-    return sha256(data).hexdigest()
+def _checksum(data: bytes) -> str:
+    """CRC-32, Adler-32 and length of `data`: 64 bits of check against edits (Python itself trusts a
+    .pyc while its source's mtime and size match). A cache check, not a security boundary: code that
+    can rewrite these files can rewrite moeplan. Not SHA-256: its pure-C build in CPython takes ~0.5 ms
+    for the code files, a quarter of reading a card (issue 17's start-up); zlib does it in ~0.05 ms."""
+    return f"{zlib.crc32(data):08x}{zlib.adler32(data):08x}-{len(data)}"
 
 
 def code_key() -> str:
-    """SHA-256 over the modules in CODE_FILES, in order (their bytes on disk)."""
-    digest = sha256()
-    for name in CODE_FILES:
-        digest.update(name.encode() + b"\0" + (_HERE / name).read_bytes() + b"\0")
-    return digest.hexdigest()
+    """The checksum of the modules in CODE_FILES, in order (their bytes on disk)."""
+    return _checksum(b"".join(name.encode() + b"\0" + (_HERE / name).read_bytes() + b"\0"
+                              for name in CODE_FILES))
 
 
 def build_index(directory: Path) -> dict[str, Any]:
@@ -82,9 +77,9 @@ def build_index(directory: Path) -> dict[str, Any]:
             continue
         if marshal.loads(payload) != {"data": card.data, "spec": dump} or spec_from_dump(dump) != spec:
             continue
-        entries[path.name] = {"sha256": _sha256(path.read_bytes()), "name": card.name, "hub_id": card.hub_id,
+        entries[path.name] = {"checksum": _checksum(path.read_bytes()), "name": card.name, "hub_id": card.hub_id,
                               "aliases": list(card.aliases), "payload": payload}
-    return {"version": INDEX_VERSION, "code_sha256": code_key(), "cards": entries}
+    return {"version": INDEX_VERSION, "code_checksum": code_key(), "cards": entries}
 
 
 def dump_index(index: dict[str, Any]) -> bytes:
@@ -96,7 +91,7 @@ def load_index(directory: Path) -> dict[str, Any] | None:
     """The index beside the cards when it was built by this code, else None (read cards from YAML)."""
     try:
         index = marshal.loads((directory / INDEX_FILE).read_bytes())
-        if index.get("version") != INDEX_VERSION or index.get("code_sha256") != code_key():
+        if index.get("version") != INDEX_VERSION or index.get("code_checksum") != code_key():
             return None
         return index if isinstance(index.get("cards"), dict) else None
     except (OSError, ValueError, EOFError, TypeError, AttributeError):  # absent, unreadable or not ours:
@@ -109,7 +104,7 @@ def fresh_entry(directory: Path, path: Path, raw: bytes) -> dict[str, Any] | Non
     if index is None:
         return None
     entry = index["cards"].get(path.name)
-    if not isinstance(entry, dict) or entry.get("sha256") != _sha256(raw):
+    if not isinstance(entry, dict) or entry.get("checksum") != _checksum(raw):
         return None
     try:
         payload = marshal.loads(entry["payload"])

@@ -112,7 +112,8 @@ def _layout(console: Console, options: ConsoleOptions, table: Table, parse: Call
     columns = table.columns
     if (not table.rows or table.show_lines or table.leading or table.show_footer or table.row_styles
             or table.expand or table.width is not None or table.min_width is not None
-            or table.collapse_padding or not table.pad_edge or table.padding[0] or table.padding[2] or table.caption
+            or table.collapse_padding or not table.pad_edge or table.padding[0] or table.padding[2]
+            or table.caption
             or table.style not in (None, "", "none")
             or any(row.style or row.end_section for row in table.rows)
             or any(col.width is not None or col.min_width is not None or col.max_width is not None or col.ratio
@@ -177,7 +178,8 @@ def _one_row_of(table: Table, layout: _Layout) -> Table:
     return one
 
 
-def _plain_lines(console: Console, options: ConsoleOptions, table: Table, layout: _Layout) -> list[list[Segment]] | None:
+def _plain_lines(console: Console, options: ConsoleOptions, table: Table,
+                 layout: _Layout) -> list[list[Segment]] | None:
     """The lines rich draws for `table` when no style will be written (no colour, not recording), as
     plain strings: the title through rich itself, then the box and each cell's lines justified and
     padded to its column as rich pads them (header cells align at the bottom, body cells at the top).

@@ -58,7 +58,7 @@ def test_an_edited_card_is_read_from_its_yaml(tmp_path: Path) -> None:
 def test_an_index_from_other_code_is_not_used(tmp_path: Path) -> None:
     folder = _copy_cards(tmp_path)
     index = marshal.loads((folder / card_index.INDEX_FILE).read_bytes())
-    index["code_sha256"] = "0" * 64
+    index["code_checksum"] = "0" * 24
     (folder / card_index.INDEX_FILE).write_bytes(card_index.dump_index(index))
     card_index.load_index.cache_clear()
     try:
@@ -93,3 +93,16 @@ def test_the_spec_module_still_offers_the_config_reader() -> None:
     assert spec.SUPPORTED_MODEL_TYPES is hf_config.SUPPORTED_MODEL_TYPES
     with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
         spec.not_a_name  # noqa: B018
+
+
+def test_the_code_key_follows_every_byte_of_the_card_reading_code(tmp_path: Path, monkeypatch) -> None:
+    for name in card_index.CODE_FILES:
+        (tmp_path / name).write_bytes((card_index._HERE / name).read_bytes())
+    monkeypatch.setattr(card_index, "_HERE", tmp_path)
+    key = card_index.code_key()
+    for name in card_index.CODE_FILES:
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[:100] + bytes([data[100] ^ 1]) + data[101:])  # one bit
+        assert card_index.code_key() != key, name
+        (tmp_path / name).write_bytes(data)
+    assert card_index.code_key() == key

@@ -219,5 +219,6 @@ def test_largest_context_and_batch_are_bisections_answers_on_every_card(gpus):
                 sc_q = sc
             layout = P.layout_of(plan)
             spare = P._rows_slack(spec, layout, P.gpu_rows(spec, scheme, layout, gpu_list, sc_q), sc_q)
-            assert plan.max_context == _bisect(1, P.context_limit(spec), lambda c: spare(c, 4) >= 0), (card.name, plan.layout)
+            limit = P.context_limit(spec)
+            assert plan.max_context == _bisect(1, limit, lambda c: spare(c, 4) >= 0), (card.name, plan.layout)
             assert plan.max_batch == _bisect(1, 65536, lambda b: spare(8192, b) >= 0), (card.name, plan.layout)

@@ -158,8 +158,8 @@ def _variants():  # type: ignore[no-untyped-def]
                     {"box": box.ROUNDED}, {"box": box.SIMPLE}, {"title": None}, {"box": None},
                     {"box": None, "show_header": False}, {"one_row": True}, {"one_row": True, "box": None}):
         one_row = options.pop("one_row", False)
-        table = Table(**{"title": "a title long enough to wrap at the narrow widths tested here", "title_justify": "left",
-                         **options})
+        title = "a title long enough to wrap at the narrow widths tested here"
+        table = Table(**{"title": title, "title_justify": "left", **options})
         table.add_column("a header that wraps", justify="center")
         table.add_column("n", justify="right")
         table.add_column("why")
