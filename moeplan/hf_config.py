@@ -384,19 +384,15 @@ def _read_common(cfg: _Cfg, model_type: str) -> dict[str, Any]:
         model_type in DENSE_MODEL_TYPES or (model_type not in MOE_MODEL_TYPES and cfg.get(*_TOPK_KEYS) is None))
     attn_bias = bool(cfg.get("attention_bias", default=False))
     dense_inter = int(_scalar(cfg.get("intermediate_size", default=0)) or 0)
-    if n_experts:
+    if dense:  # (dense implies no experts were named)
+        topk, expert_inter = 0, 0
+        dense_inter = _positive_int(_scalar(cfg.need("intermediate_size", "ffn_dim", "n_inner")), "intermediate_size",
+                                    label)
+    else:  # experts named, or a MoE type whose expert keys are missing (cfg.need says which)
         topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), cfg.which(*_TOPK_KEYS), label, 1)
         # Expert FFN width. NOTE: Mixtral-style configs reuse intermediate_size for the experts.
         expert_inter_key = ("moe_intermediate_size", "ffn_config.ffn_hidden_size", "intermediate_size")
         expert_inter = _positive_int(_scalar(cfg.need(*expert_inter_key)), "moe_intermediate_size", label)
-    elif dense:
-        topk, expert_inter = 0, 0
-        dense_inter = _positive_int(_scalar(cfg.need("intermediate_size", "ffn_dim", "n_inner")), "intermediate_size",
-                                    label)
-    else:
-        topk = _whole(_scalar(cfg.need(*_TOPK_KEYS)), cfg.which(*_TOPK_KEYS), label, 1)
-        expert_inter = _positive_int(_scalar(cfg.need("moe_intermediate_size", "ffn_config.ffn_hidden_size",
-                                                      "intermediate_size")), "moe_intermediate_size", label)
 
     f.update(
         num_experts=n_experts,

@@ -152,12 +152,6 @@ def _layout(console: Console, options: ConsoleOptions, table: Table, parse: Call
     return _Layout(cells, widths, heights, lines, wrapped)
 
 
-def _one_row(console: Console, options: ConsoleOptions, table: Table, parse: Callable[[str], Text]) -> Table | None:
-    """`table` as rich would draw it but as one body row of multi-line cells (_one_row_of), or None."""
-    layout = _layout(console, options, table, parse)
-    return None if layout is None else _one_row_of(table, layout)
-
-
 def _one_row_of(table: Table, layout: _Layout) -> Table:
     """`table` as one body row of multi-line cells, each column fixed at the width rich gives it in
     `table`: the same lines, segment styles and borders at a fraction of the cost. Each column is one
@@ -232,10 +226,10 @@ def _plain_lines(console: Console, options: ConsoleOptions, table: Table,
         out.append([Segment(box.get_top(widths))])
     rows = [[cell_lines(j, texts[0], -1) for j, texts in enumerate(layout.cells)]] if table.show_header else []
     rows += [[cell_lines(j, texts[i + 1], i) for j, texts in enumerate(layout.cells)] for i in range(len(table.rows))]
+    blank = [" " * w for w in widths]  # a line of a cell that has fewer lines than its row
     for index, row in enumerate(rows):
         header = index == 0 and table.show_header
         height = max(len(c) for c in row)
-        blank = [" " * w for w in widths]
         if header:  # header cells sit at the bottom of their row
             row = [[blank[j]] * (height - len(c)) + c for j, c in enumerate(row)]
         else:

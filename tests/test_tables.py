@@ -134,18 +134,18 @@ def test_cells_the_one_row_path_does_not_reproduce_fall_back_to_rich():
     plain.add_row("x")
     plain.add_row("y")
     parse = tables._parser(console, console.options)
-    assert tables._one_row(console, console.options, plain, parse) is not None
+    assert tables._layout(console, console.options, plain, parse) is not None
     for cell in (Text("styled", style="bold"), "two\nlines", Text("right", justify="right")):
         table = Table()
         table.add_column("a")
         table.add_row("x")
         table.add_row(cell)
-        assert tables._one_row(console, console.options, table, parse) is None, cell
+        assert tables._layout(console, console.options, table, parse) is None, cell
     separated = Table(show_lines=True)
     separated.add_column("a")
     separated.add_row("x")
     separated.add_row("y")
-    assert tables._one_row(console, console.options, separated, parse) is None
+    assert tables._layout(console, console.options, separated, parse) is None
 
 
 def _variants():  # type: ignore[no-untyped-def]
